@@ -1,0 +1,311 @@
+"""The public entry points: ``fixed_point`` and ``root``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from ._backend import Backend
+from ._errors import (
+    BackendMismatchError,
+    BackendUnavailableError,
+    ConfigurationError,
+    DeviceMismatchError,
+    DTypeError,
+    NonFiniteError,
+    ShapeError,
+    did_you_mean,
+)
+from ._gradient_context import BackwardContext
+from ._info import SolveInfo, check_on_fail, report
+from ._loop import STOP_MODES, solve
+from ._plugin_base import GradientEstimator, Solver
+from ._problem import FIXED_POINT, ROOT, Layout, Problem
+from ._registry import REGISTRY, _instantiate, solver_names_with_inverse
+
+#: Options every solve understands, besides those routed to the solver or estimator.
+CALL_OPTIONS = ("vjp", "trace", "divergence")
+
+
+def fixed_point(
+    f: Callable[[Any, Any], Any],
+    z0: Any,
+    args: Any = None,
+    *,
+    solver: str | Solver = "anderson",
+    gradient: str | GradientEstimator = "ift",
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop_mode: str = "abs",
+    on_fail: str = "warn",
+    backend: str | None = None,
+    **options: Any,
+) -> tuple[Any, SolveInfo]:
+    """Solve ``z* = f(z*, args)`` per sample and make ``z*`` differentiable.
+
+    The first axis of ``z0`` (every leaf, when the state is a tuple/pytree) is the batch;
+    each sample is an independent system that stops on its own once
+    ``||f(z) - z|| <= tol`` (``stop_mode="abs"``) or ``||f(z) - z|| / ||f(z)|| <= tol``
+    (``"rel"``). The lowest-residual iterate is returned.
+
+    Gradients follow the implicit function theorem: for a loss ``L(z*)`` with ``g = dL/dz*``,
+    ``dL/dargs = u^T df/dargs`` where ``u = g + J^T u`` and ``J = df/dz`` at ``z*``. The
+    ``gradient`` estimator chooses how ``u`` is obtained (``ift`` solves for it; ``jfb``,
+    ``phantom``, ``shine``, ``broyden_reuse`` approximate it).
+
+    Args:
+        f: ``f(z, args) -> z``, same structure, shapes and dtype as ``z0``.
+        z0: initial state: an array ``(batch, ...)`` or a tuple/pytree of such arrays.
+        args: parameters of ``f``; passed through untouched.
+        solver: a registered name or a :class:`Solver` instance (``get_solver(name, **opts)``).
+        gradient: a registered name or a :class:`GradientEstimator` instance.
+        tol, max_iter, stop_mode: the stopping rule.
+        on_fail: ``"warn"`` | ``"raise"`` | ``"ignore"`` when some samples do not converge.
+        backend: force a backend by name; by default it is inferred from ``z0``.
+        **options: ``vjp=`` (backends without autodiff: ``vjp(z, args, v) -> (v_z, v_args)``),
+            ``trace=True`` (residual history), ``divergence=`` (stop a sample whose residual
+            grows by this factor; ``None`` disables), and options of the named solver or
+            gradient estimator (e.g. ``m=6`` for Anderson).
+
+    Returns:
+        ``(z_star, info)``; ``info`` is a :class:`SolveInfo`.
+    """
+    return _run(FIXED_POINT, f, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, options)
+
+
+def root(
+    g: Callable[[Any, Any], Any],
+    z0: Any,
+    args: Any = None,
+    *,
+    solver: str | Solver = "broyden",
+    gradient: str | GradientEstimator = "ift",
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop_mode: str = "abs",
+    on_fail: str = "warn",
+    backend: str | None = None,
+    **options: Any,
+) -> tuple[Any, SolveInfo]:
+    """Solve ``g(z*, args) = 0`` per sample; same options and result as :func:`fixed_point`.
+
+    Internally the fixed-point map is ``F(z) = z + g(z)``, so ``dL/dargs = -g_L^T (dg/dz)^-1
+    dg/dargs`` comes out of the same estimators. The default solver is Broyden's method,
+    which does not need ``F`` to be contractive.
+    """
+    return _run(ROOT, g, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, options)
+
+
+def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, options):
+    if not callable(fn):
+        raise ConfigurationError(f"the function to solve must be callable, got {type(fn).__name__}")
+    _check_stopping(tol, max_iter, stop_mode)
+    check_on_fail(on_fail)
+    options = dict(options)
+    user_vjp = options.pop("vjp", None)
+    trace = bool(options.pop("trace", False))
+    divergence = options.pop("divergence", 1e6)
+    if divergence is not None and not (isinstance(divergence, (int, float)) and divergence > 1):
+        raise ConfigurationError(f"divergence must be a number > 1 or None, got {divergence!r}")
+    if user_vjp is not None and not callable(user_vjp):
+        raise ConfigurationError("vjp must be a callable vjp(z, args, v) -> (v_z, v_args)")
+
+    solver_obj, gradient_obj = _resolve_plugins(solver, gradient, options)
+    if gradient_obj.requires_inverse and not solver_obj.provides_inverse:
+        raise ConfigurationError(
+            f"gradient {gradient_obj.name!r} reuses the forward solver's inverse-Jacobian estimate, "
+            f"but solver {solver_obj.name!r} keeps none. Use one of: "
+            f"{', '.join(solver_names_with_inverse()) or 'none registered'}."
+        )
+    be = _resolve_backend(backend, z0, args)
+    problem = _build_problem(be, fn, z0, args, form, user_vjp)
+    z0_flat = problem.flatten(z0)
+
+    with be.forward_context():
+        result = solve(
+            problem, solver_obj, z0_flat, tol=tol, max_iter=max_iter,
+            stop_mode=stop_mode, trace=trace, divergence=divergence,
+        )
+    info = result.info
+    info.gradient = gradient_obj.name
+    if not be.traced:
+        report(info, on_fail)
+
+    def backward(g_flat: Any) -> Any:
+        ctx = BackwardContext(problem, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail)
+        u = gradient_obj.estimate(ctx)
+        info.backward = ctx.backward_info
+        info.extras.update(ctx.extras)
+        return u
+
+    z_out, info.vjp = be.attach(problem, result.z, backward)
+    return z_out, info
+
+
+# --------------------------------------------------------------------------- validation
+def _check_stopping(tol: Any, max_iter: Any, stop_mode: Any) -> None:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+        raise ConfigurationError(f"tol must be a finite number > 0, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ConfigurationError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if stop_mode not in STOP_MODES:
+        raise ConfigurationError(
+            f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}.{did_you_mean(str(stop_mode), STOP_MODES)}"
+        )
+
+
+def _resolve_plugins(solver: Any, gradient: Any, options: dict[str, Any]) -> tuple[Solver, GradientEstimator]:
+    """Instantiate named plugins, routing each remaining option to the one that accepts it."""
+    targets = {}
+    for kind, spec, base in (("solver", solver, Solver), ("gradient", gradient, GradientEstimator)):
+        if isinstance(spec, str):
+            targets[kind] = (spec, REGISTRY.get(kind, spec).option_names())
+        elif isinstance(spec, base):
+            targets[kind] = (spec, [])
+        else:
+            raise ConfigurationError(
+                f"{kind} must be a registered name or a {base.__name__} instance, got {spec!r}"
+            )
+    routed: dict[str, dict[str, Any]] = {"solver": {}, "gradient": {}}
+    for key, value in options.items():
+        takers = [kind for kind, (_, names) in targets.items() if key in names]
+        if len(takers) == 2:
+            raise ConfigurationError(
+                f"option {key!r} is accepted by both the solver and the gradient estimator: "
+                "configure them explicitly with get_solver(...) / get_gradient(...)"
+            )
+        if not takers:
+            known = list(CALL_OPTIONS) + [n for _, names in targets.values() for n in names]
+            instance_note = "".join(
+                f" ({kind} {spec!r} is an instance: configure it where you create it.)"
+                for kind, (spec, _) in targets.items() if not isinstance(spec, str)
+            )
+            raise ConfigurationError(
+                f"unknown option {key!r}.{did_you_mean(key, known)} Accepted here: "
+                f"{', '.join(sorted(set(known)))}.{instance_note}"
+            )
+        routed[takers[0]][key] = value
+    out = []
+    for kind in ("solver", "gradient"):
+        spec = targets[kind][0]
+        out.append(_instantiate(kind, spec, routed[kind]) if isinstance(spec, str) else spec)
+    return out[0], out[1]
+
+
+def _owner(leaf: Any, backends: list[Backend]) -> Backend | None:
+    for b in backends:
+        try:
+            if b.owns(leaf):
+                return b
+        except Exception:  # a third-party owns() must not break inference
+            continue
+    return None
+
+
+def _generic_leaves(tree: Any) -> list[Any]:
+    """Leaves of nested tuples/lists/dicts, enough to tell which library the arrays are from."""
+    if isinstance(tree, dict):
+        return [leaf for key in sorted(tree) for leaf in _generic_leaves(tree[key])]
+    if isinstance(tree, (tuple, list)):
+        return [leaf for item in tree for leaf in _generic_leaves(item)]
+    return [tree]
+
+
+def _describe(x: Any) -> str:
+    return f"{type(x).__module__}.{type(x).__name__}"
+
+
+def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
+    backends = REGISTRY.backends()
+    z_leaves = _generic_leaves(z0)
+    owners = [(_owner(leaf, backends), leaf) for leaf in z_leaves]
+    if name is not None:
+        be = REGISTRY.get("backend", name)
+    else:
+        found = {id(o): o for o, _ in owners if o is not None}
+        if not found:
+            raise BackendMismatchError(
+                f"z0 is a {_describe(z_leaves[0])}, which no registered backend handles. "
+                f"Backends: {', '.join(b.name for b in backends)}; install the extra for your "
+                "framework (e.g. pip install 'implicit-core[torch]') or pass arrays of one of them."
+            )
+        if len(found) > 1:
+            raise BackendMismatchError(
+                f"z0 mixes arrays of several backends ({', '.join(sorted(b.name for b in found.values()))}): "
+                "convert every leaf of the state to one array library."
+            )
+        be = next(iter(found.values()))
+    ok, reason = be.available()
+    if not ok:
+        raise BackendUnavailableError(f"backend {be.name!r} is unavailable: {reason}")
+    for owner, leaf in owners:
+        if owner is not be:
+            raise BackendMismatchError(
+                f"z0 holds a {_describe(leaf)} but the backend is {be.name!r}: pass {be.name} arrays "
+                "or choose the matching backend."
+            )
+    arg_leaves, _ = be.tree_flatten(args)
+    for leaf in arg_leaves:
+        owner = _owner(leaf, backends)
+        if owner is not None and owner is not be:
+            raise BackendMismatchError(
+                f"args holds a {_describe(leaf)} ({owner.name}) while z0 is on the {be.name!r} backend: "
+                "keep the state and the parameters in one array library."
+            )
+    return be
+
+
+def _build_problem(be: Backend, fn: Callable, z0: Any, args: Any, form: str, user_vjp: Any) -> Problem:
+    xp = be.xp
+    leaves, treedef = be.tree_flatten(z0)
+    if not leaves:
+        raise ShapeError("z0 is empty: pass an array (batch, ...) or a tuple/pytree of such arrays")
+    for i, leaf in enumerate(leaves):
+        if not hasattr(leaf, "shape") or len(leaf.shape) < 1:
+            raise ShapeError(
+                f"state leaf {i} of z0 is a scalar: every leaf needs a leading batch axis "
+                "(reshape a single problem to (1, n))"
+            )
+    batch = int(leaves[0].shape[0])
+    if any(int(leaf.shape[0]) != batch for leaf in leaves):
+        raise ShapeError(
+            f"the leaves of z0 disagree on the batch size ({[int(l.shape[0]) for l in leaves]}): "
+            "the first axis of every leaf is the batch"
+        )
+    if batch == 0:
+        raise ShapeError("z0 has batch size 0: pass at least one sample")
+    dtype = leaves[0].dtype
+    for i, leaf in enumerate(leaves):
+        if not xp.isdtype(leaf.dtype, "real floating"):
+            raise DTypeError(
+                f"state leaf {i} of z0 has dtype {leaf.dtype}: the state must be real floating point "
+                "(float32 or float64); cast it, e.g. z0.astype(float64)"
+            )
+        if leaf.dtype != dtype:
+            raise DTypeError(
+                f"the leaves of z0 mix dtypes ({dtype} and {leaf.dtype}): cast them to one floating dtype"
+            )
+    device = be.device(leaves[0])
+    arg_leaves, _ = be.tree_flatten(args)
+    for what, leaf in [("z0", l) for l in leaves] + [("args", l) for l in arg_leaves if be.owns(l)]:
+        if be.device(leaf) != device:
+            raise DeviceMismatchError(
+                f"{what} has an array on {be.device(leaf)} while z0 starts on {device}: "
+                "move every array to one device"
+            )
+    for i, leaf in enumerate(leaves):
+        if not bool(xp.all(xp.isfinite(leaf))):
+            raise NonFiniteError(f"z0 contains NaN or Inf (state leaf {i}): start from finite values (e.g. zeros)")
+    for leaf in arg_leaves:
+        if be.owns(leaf) and xp.isdtype(leaf.dtype, ("real floating", "complex floating")):
+            if not bool(xp.all(xp.isfinite(leaf))):
+                raise NonFiniteError("args contains NaN or Inf: the solve would only propagate them")
+    layout = Layout(
+        treedef=treedef,
+        shapes=[tuple(int(s) for s in leaf.shape[1:]) for leaf in leaves],
+        sizes=[int(math.prod(leaf.shape[1:])) for leaf in leaves],
+        batch=batch,
+        dtype=dtype,
+        device=device,
+    )
+    return Problem(backend=be, layout=layout, fn=fn, args=args, form=form, user_vjp=user_vjp)

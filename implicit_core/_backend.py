@@ -1,0 +1,150 @@
+"""The backend contract: what a framework must provide for every solver and estimator to run.
+
+A backend holds only what differs between array libraries: which arrays it owns, its
+array-API namespace, its loop primitive, how state trees are flattened, how vector-Jacobian
+products are formed and how the custom backward is attached to the framework's autodiff.
+Everything else (solvers, gradient estimators, the solve loop) is written once against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import abc
+import contextlib
+
+import array_api_compat
+
+
+class Backend(abc.ABC):
+    """Base class of every backend plugin.
+
+    Subclasses set :attr:`name` and implement :meth:`available`, :meth:`owns` and
+    :meth:`namespace`; frameworks with autodiff also override the VJP methods
+    (:meth:`linearise`, :meth:`vjp_at`) and :meth:`attach`.
+    """
+
+    #: The name users pass as ``backend=...``.
+    name: str = ""
+    #: Whether the loop primitive may be traced (``jit``): then no host-side checks happen
+    #: inside the solve loop.
+    traced: bool = False
+
+    # ----------------------------------------------------------------- discovery
+    @abc.abstractmethod
+    def available(self) -> tuple[bool, str]:
+        """``(True, "")`` when usable here, else ``(False, reason)``."""
+
+    @abc.abstractmethod
+    def owns(self, x: Any) -> bool:
+        """True when ``x`` is an array of this backend's library (never imports the library)."""
+
+    @abc.abstractmethod
+    def namespace(self) -> Any:
+        """The array-API namespace (``xp``) that solvers compute with."""
+
+    @property
+    def xp(self) -> Any:
+        return self.namespace()
+
+    # ----------------------------------------------------------------- arrays
+    def device(self, x: Any) -> Any:
+        return array_api_compat.device(x)
+
+    def is_floating(self, x: Any) -> bool:
+        xp = self.xp
+        return xp.isdtype(x.dtype, "real floating")
+
+    def stop_gradient(self, x: Any) -> Any:
+        return x
+
+    def at_set(self, buffer: Any, index: Any, value: Any) -> Any:
+        """``buffer[index] = value``; returns the buffer (a new one on functional backends)."""
+        buffer[index] = value
+        return buffer
+
+    def to_python(self, x: Any) -> Any:
+        """A host-side Python scalar / nested list (for messages and summaries only)."""
+        return x.tolist() if hasattr(x, "tolist") else x
+
+    def random_normal(self, like: Any, seed: int) -> Any:
+        """Standard normal samples shaped and typed like ``like`` (Hutchinson probes)."""
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        host = rng.standard_normal(tuple(like.shape))
+        return self.xp.asarray(host, dtype=like.dtype, device=self.device(like))
+
+    # ----------------------------------------------------------------- trees
+    def tree_flatten(self, tree: Any) -> tuple[list[Any], Any]:
+        """Leaves of a state/args tree and what is needed to rebuild it.
+
+        The default understands a single array and nested tuples, lists and dicts of arrays.
+        """
+        if isinstance(tree, dict):
+            keys = sorted(tree)
+            leaves, defs = self.tree_flatten(tuple(tree[k] for k in keys))
+            return leaves, (dict, keys, defs)
+        if isinstance(tree, (tuple, list)):
+            leaves: list[Any] = []
+            defs = []
+            for item in tree:
+                sub, d = self.tree_flatten(item)
+                leaves.extend(sub)
+                defs.append((len(sub), d))
+            return leaves, (type(tree), defs)
+        return [tree], None
+
+    def tree_unflatten(self, treedef: Any, leaves: Sequence[Any]) -> Any:
+        if treedef is None:
+            return leaves[0]
+        if treedef[0] is dict:
+            _, keys, defs = treedef
+            return dict(zip(keys, self.tree_unflatten(defs, leaves)))
+        kind, defs = treedef
+        out, i = [], 0
+        for count, d in defs:
+            out.append(self.tree_unflatten(d, leaves[i : i + count]))
+            i += count
+        return kind(out)
+
+    # ----------------------------------------------------------------- control flow
+    def cond(self, pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+        """``true_fn() if pred else false_fn()``; traced backends use their conditional primitive."""
+        return true_fn() if bool(pred) else false_fn()
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Context for the forward solve: frameworks that record graphs switch recording off."""
+        return contextlib.nullcontext()
+
+    def while_loop(self, cond: Callable[[Any], Any], body: Callable[[Any], Any], carry: Any) -> Any:
+        """Run ``carry = body(carry)`` while ``cond(carry)``; eager backends use Python."""
+        while bool(cond(carry)):
+            carry = body(carry)
+        return carry
+
+    # ----------------------------------------------------------------- autodiff
+    @abc.abstractmethod
+    def linearise(self, problem: Any, z: Any) -> Callable[[Any], Any]:
+        """Return ``v -> J_F(z)^T v`` on flat ``(batch, n)`` arrays, reusing one linearisation."""
+
+    def vjp_at(self, problem: Any, z: Any, v: Any, create_graph: bool = False) -> Any:
+        """``J_F(z)^T v`` for a one-off point (adjoint Broyden, Jacobian regularisation).
+
+        With ``create_graph=True`` an autodiff backend keeps the result differentiable with
+        respect to the parameters of ``F`` (for penalties added to the loss).
+        """
+        return self.linearise(problem, z)(v)
+
+    @abc.abstractmethod
+    def attach(self, problem: Any, z_star: Any, backward: Callable[[Any], Any]) -> tuple[Any, Any]:
+        """Connect the solution to the framework's autodiff.
+
+        ``backward(g_flat) -> u_flat`` maps the incoming cotangent ``dL/dz*`` to the vector ``u``
+        whose VJP through ``F(z*, args)`` gives the parameter gradients. Returns the
+        user-facing solution (state structure) and an optional ``vjp(g) -> dL/dargs`` callable
+        for backends without autodiff (``None`` otherwise).
+        """
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name!r}>"

@@ -1,0 +1,77 @@
+"""What a gradient estimator sees in the backward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ._errors import ConfigurationError
+from ._info import SolveInfo, report
+from ._linear import InverseJacobian
+from ._loop import SolveResult, solve
+from ._plugin_base import Solver
+from ._problem import Problem
+
+
+@dataclass
+class BackwardContext:
+    """The backward pass of one solve: ``z*``, the cotangent ``g`` and the forward's state.
+
+    Estimators use :attr:`xp`, :meth:`JT` (one VJP ``J^T v`` at ``z*`` per call, with
+    ``J = dF/dz``), :meth:`inverse` (the forward solver's inverse-Jacobian estimate) and
+    :meth:`solve_adjoint` (solve ``u = g + J^T u`` with any registered solver).
+    """
+
+    problem: Problem
+    z_star: Any
+    g: Any
+    forward: SolveResult
+    tol: float
+    max_iter: int
+    stop_mode: str
+    on_fail: str
+    extras: dict[str, Any] = field(default_factory=dict)
+    backward_info: SolveInfo | None = None
+    _lin: Callable[[Any], Any] | None = field(default=None, repr=False)
+
+    @property
+    def xp(self) -> Any:
+        return self.problem.xp
+
+    def JT(self, v: Any) -> Any:
+        """``J^T v`` at ``z*``; the linearisation is built once and reused."""
+        if self._lin is None:
+            self._lin = self.problem.backend.linearise(self.problem, self.z_star)
+        return self._lin(v)
+
+    def inverse(self) -> InverseJacobian:
+        solver = self.forward.solver
+        if not solver.provides_inverse:
+            raise ConfigurationError(f"solver {solver.name!r} keeps no inverse-Jacobian estimate")
+        return solver.inverse_jacobian(self.problem, self.forward.state)
+
+    def solve_adjoint(
+        self,
+        solver: Solver,
+        u0: Any,
+        *,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        on_fail: str | None = None,
+    ) -> Any:
+        """Solve ``u = g + J^T u`` from ``u0``; the outcome is reported in ``info.backward``."""
+        g = self.g
+        adjoint = Problem.on_flat(self.problem.backend, g, lambda u: g + self.JT(u))
+        result = solve(
+            adjoint,
+            solver,
+            u0,
+            tol=self.tol if tol is None else tol,
+            max_iter=self.max_iter if max_iter is None else max_iter,
+            stop_mode=self.stop_mode,
+            divergence=1e6,
+        )
+        self.backward_info = result.info
+        if not self.problem.backend.traced:
+            report(result.info, self.on_fail if on_fail is None else on_fail, stage="backward")
+        return result.z

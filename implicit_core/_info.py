@@ -1,0 +1,107 @@
+"""What a solve reports, per sample."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ._errors import ConfigurationError, ConvergenceError, ConvergenceWarning
+
+# Per-sample status codes (``SolveInfo.status``).
+RUNNING, CONVERGED, MAX_ITER, NON_FINITE, DIVERGED = 0, 1, 2, 3, 4
+STATUS_NAMES = {
+    RUNNING: "running",
+    CONVERGED: "converged",
+    MAX_ITER: "max_iter reached",
+    NON_FINITE: "non-finite values",
+    DIVERGED: "diverged",
+}
+ON_FAIL = ("warn", "raise", "ignore")
+
+
+@dataclass
+class SolveInfo:
+    """Per-sample outcome of a solve; arrays are of the backend's type, length ``batch``.
+
+    Attributes:
+        steps: solver iterations each sample took before it stopped.
+        residual: ``||F(z*) - z*||`` of the returned (lowest-residual) iterate.
+        rel_residual: ``residual / (||F(z*)|| + eps)``.
+        converged: ``residual`` (or ``rel_residual``, by ``stop_mode``) ``<= tol``.
+        status: ``1`` converged, ``2`` max_iter reached, ``3`` non-finite values, ``4`` diverged.
+        trace: ``(iterations + 1, batch)`` absolute residuals when ``trace=True``.
+        backward: the :class:`SolveInfo` of the last backward solve (``ift``, refinements).
+        extras: estimator reports, e.g. ``extras["fallback"]`` for ``shine``.
+        vjp: on backends without autodiff, ``vjp(g) -> dL/dargs`` by the chosen estimator.
+    """
+
+    steps: Any
+    residual: Any
+    rel_residual: Any
+    converged: Any
+    status: Any
+    solver: str = ""
+    gradient: str = ""
+    trace: Any = None
+    backward: "SolveInfo | None" = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    vjp: Callable[[Any], Any] | None = None
+    to_python: Callable[[Any], Any] = field(default=lambda x: x.tolist(), repr=False)
+
+    @property
+    def failed(self) -> list[int]:
+        """Indices of the samples that did not converge."""
+        return [i for i, ok in enumerate(self.to_python(self.converged)) if not ok]
+
+    def reasons(self) -> dict[int, str]:
+        """``{sample: why it failed}`` for every failed sample."""
+        codes = self.to_python(self.status)
+        return {i: STATUS_NAMES.get(int(codes[i]), "unknown") for i in self.failed}
+
+    def summary(self) -> str:
+        steps = self.to_python(self.steps)
+        res = self.to_python(self.residual)
+        batch = len(steps)
+        fails = self.reasons()
+        text = (
+            f"{self.solver or 'solve'}: {batch - len(fails)}/{batch} converged, "
+            f"steps max {max(steps) if steps else 0}, residual max {max(res) if res else 0:.3g}"
+        )
+        if fails:
+            kinds: dict[str, list[int]] = {}
+            for i, why in fails.items():
+                kinds.setdefault(why, []).append(i)
+            parts = [f"{why}: samples {_short(idx)}" for why, idx in kinds.items()]
+            text += " — failed (" + "; ".join(parts) + ")"
+        return text
+
+
+def _short(idx: list[int], limit: int = 8) -> str:
+    head = ", ".join(str(i) for i in idx[:limit])
+    return f"[{head}{', …' if len(idx) > limit else ''}] ({len(idx)})"
+
+
+def check_on_fail(on_fail: str) -> str:
+    if on_fail not in ON_FAIL:
+        from ._errors import did_you_mean
+
+        raise ConfigurationError(f"on_fail must be one of {ON_FAIL}, got {on_fail!r}.{did_you_mean(on_fail, ON_FAIL)}")
+    return on_fail
+
+
+def report(info: SolveInfo, on_fail: str, stage: str = "forward") -> None:
+    """Warn or raise when some samples failed, as ``on_fail`` asks (host-side check)."""
+    if on_fail == "ignore":
+        return
+    failed = info.failed
+    if not failed:
+        return
+    message = (
+        f"{stage} solve did not converge for {len(failed)} sample(s): {info.summary()}. "
+        "Raise max_iter, relax tol, try another solver, or inspect info.status / info.residual; "
+        "on_fail='ignore' silences this."
+    )
+    if on_fail == "raise":
+        raise ConvergenceError(message, info)
+    warnings.warn(message, ConvergenceWarning, stacklevel=4)

@@ -1,0 +1,51 @@
+"""Low-rank inverse-Jacobian estimates shared by quasi-Newton solvers and the estimators
+that reuse them (SHINE, Broyden reuse)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class InverseJacobian(Protocol):
+    """What ``Solver.inverse_jacobian(problem, state)`` returns.
+
+    It approximates ``H ≈ (dg/dz)^-1`` at the solution, with ``g(z) = F(z) - z``, per sample,
+    acting on flat ``(batch, n)`` arrays. Any quasi-Newton solver, built in or third party,
+    that returns such an object works with ``shine`` and ``broyden_reuse``.
+    """
+
+    def matvec(self, x: Any) -> Any: ...
+
+    def rmatvec(self, x: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class LowRankInverse:
+    """``H = -I + U^T V`` per sample, with ``U, V`` of shape ``(batch, m, n)`` (rows = vectors).
+
+    ``H x = -x + U^T (V x)`` and ``H^T x = -x + V^T (U x)``; both cost two thin products.
+    """
+
+    U: Any
+    V: Any
+    xp: Any
+
+    def _apply(self, left: Any, right: Any, x: Any) -> Any:
+        coeff = self.xp.matmul(right, x[..., None])  # (batch, m, 1)
+        return -x + self.xp.matmul(self.xp.matrix_transpose(left), coeff)[..., 0]
+
+    def matvec(self, x: Any) -> Any:
+        return self._apply(self.U, self.V, x)
+
+    def rmatvec(self, x: Any) -> Any:
+        return self._apply(self.V, self.U, x)
+
+    @property
+    def T(self) -> "LowRankInverse":
+        """The transpose ``H^T = -I + V^T U``, itself low-rank of the same form."""
+        return LowRankInverse(self.V, self.U, self.xp)
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[1])

@@ -1,0 +1,123 @@
+"""The one solve loop every solver runs in, on every backend.
+
+Per sample: measure the residual after each step, keep the lowest-residual iterate, freeze
+samples once they converged, stop those whose values became non-finite or blew up, and
+count steps. The loop body uses only ``xp`` and the backend's ``while_loop``/``at_set``, so
+it runs eagerly (NumPy, CuPy, PyTorch) and under ``lax.while_loop`` (JAX) unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ._info import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, RUNNING, SolveInfo
+from ._ops import bnorm, select
+from ._plugin_base import Solver
+from ._problem import Problem
+
+STOP_MODES = ("abs", "rel")
+
+
+@dataclass
+class SolveResult:
+    z: Any  # lowest-residual iterate, flat (batch, n)
+    info: SolveInfo
+    state: dict[str, Any]  # the solver's final (frozen) state
+    solver: Solver
+
+
+def residuals(problem: Problem, z: Any, fz: Any) -> tuple[Any, Any]:
+    """Absolute ``||F(z) - z||`` and relative ``||F(z) - z|| / (||F(z)|| + eps)``, per sample."""
+    xp = problem.xp
+    absolute = bnorm(xp, fz - z)
+    return absolute, absolute / (bnorm(xp, fz) + problem.eps)
+
+
+def solve(
+    problem: Problem,
+    solver: Solver,
+    z0: Any,
+    *,
+    tol: float,
+    max_iter: int,
+    stop_mode: str = "abs",
+    trace: bool = False,
+    divergence: float | None = 1e6,
+) -> SolveResult:
+    """Run ``solver`` from the flat ``z0`` until every sample stopped or ``max_iter`` steps."""
+    xp, backend = problem.xp, problem.backend
+    batch = problem.layout.batch
+
+    def measure(state: dict[str, Any]) -> tuple[Any, Any, Any]:
+        a, r = residuals(problem, state["z"], state["fz"])
+        return (a if stop_mode == "abs" else r), a, r
+
+    state = solver.init(problem, z0)
+    res, res_abs, res_rel = measure(state)
+    finite = xp.isfinite(res)
+    int_dtype = xp.int32
+    status = xp.where(finite, xp.where(res <= tol, CONVERGED, RUNNING), NON_FINITE)
+    status = xp.astype(status, int_dtype)
+    # Blow-up is judged against the first residual (or tol, whichever is larger).
+    scale = xp.where(finite, xp.maximum(res, xp.full_like(res, tol)), xp.full_like(res, tol))
+    carry: dict[str, Any] = {
+        "state": state,
+        "k": xp.asarray(0, dtype=int_dtype, device=backend.device(res)),
+        "status": status,
+        "steps": xp.zeros_like(status),
+        "best_z": state["z"],
+        "best_res": xp.where(finite, res, xp.full_like(res, float("inf"))),
+        "best_abs": res_abs,
+        "best_rel": res_rel,
+    }
+    if trace:
+        buffer = xp.full((max_iter + 1, batch), float("nan"), dtype=res.dtype, device=backend.device(res))
+        carry["trace"] = backend.at_set(buffer, 0, res_abs)
+
+    def cond(c: dict[str, Any]) -> Any:
+        return (c["k"] < max_iter) & xp.any(c["status"] == RUNNING)
+
+    def body(c: dict[str, Any]) -> dict[str, Any]:
+        active = c["status"] == RUNNING
+        new = solver.step(problem, c["state"], c["k"], active)
+        res, res_abs, res_rel = measure(new)
+        finite = xp.isfinite(res)
+        accept = active & finite
+        better = accept & (res < c["best_res"])
+        status = xp.where(active & ~finite, NON_FINITE, c["status"])
+        status = xp.where(accept & (res <= tol), CONVERGED, status)
+        if divergence is not None:
+            status = xp.where(accept & (res > divergence * scale), DIVERGED, status)
+        out = {
+            # A non-finite step is not kept: the sample stays on its last finite state.
+            "state": select(xp, accept, new, c["state"]),
+            "k": c["k"] + 1,
+            "status": xp.astype(status, int_dtype),
+            "steps": c["steps"] + xp.astype(active, int_dtype),
+            "best_z": select(xp, better, new["z"], c["best_z"]),
+            "best_res": xp.where(better, res, c["best_res"]),
+            "best_abs": xp.where(better, res_abs, c["best_abs"]),
+            "best_rel": xp.where(better, res_rel, c["best_rel"]),
+        }
+        if trace:
+            out["trace"] = backend.at_set(c["trace"], c["k"] + 1, xp.where(accept, res_abs, c["best_abs"]))
+        return out
+
+    carry = backend.while_loop(cond, body, carry)
+    status = xp.where(carry["status"] == RUNNING, MAX_ITER, carry["status"])
+    status = xp.astype(status, int_dtype)
+    trace_out = carry.get("trace")
+    if trace and not backend.traced:
+        trace_out = trace_out[: int(carry["k"]) + 1]
+    info = SolveInfo(
+        steps=carry["steps"],
+        residual=carry["best_abs"],
+        rel_residual=carry["best_rel"],
+        converged=status == CONVERGED,
+        status=status,
+        solver=solver.name,
+        trace=trace_out,
+        to_python=backend.to_python,
+    )
+    return SolveResult(z=carry["best_z"], info=info, state=carry["state"], solver=solver)

@@ -1,0 +1,46 @@
+"""Small batched helpers every solver and estimator shares (written with ``xp`` only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def bdot(xp: Any, a: Any, b: Any) -> Any:
+    """Per-sample inner product of two ``(batch, n)`` arrays -> ``(batch,)``."""
+    return xp.sum(a * b, axis=-1)
+
+
+def bnorm(xp: Any, a: Any) -> Any:
+    """Per-sample Euclidean norm of a ``(batch, n)`` array -> ``(batch,)``."""
+    return xp.linalg.vector_norm(a, axis=-1)
+
+
+def expand_mask(xp: Any, mask: Any, like: Any) -> Any:
+    """Reshape a ``(batch,)`` mask so that it broadcasts against ``like``."""
+    return xp.reshape(mask, (mask.shape[0],) + (1,) * (like.ndim - 1))
+
+
+def select(xp: Any, mask: Any, new: Any, old: Any) -> Any:
+    """Per-sample ``where`` over arrays or dicts of arrays with a leading batch axis."""
+    if isinstance(new, dict):
+        return {key: select(xp, mask, new[key], old[key]) for key in new}
+    return xp.where(expand_mask(xp, mask, new), new, old)
+
+
+def safe_divide(xp: Any, num: Any, den: Any, eps: float) -> tuple[Any, Any]:
+    """``num / den`` per sample where ``|den| > eps``; returns ``(quotient, ok)``.
+
+    ``quotient`` is 0 where the denominator is too small or not finite, so a degenerate
+    sample's update is skipped instead of poisoning the state with Inf/NaN.
+    """
+    ok = xp.isfinite(den) & (xp.abs(den) > eps)
+    safe_den = xp.where(ok, den, xp.ones_like(den))
+    q = num / expand_mask(xp, safe_den, num) if num.ndim > den.ndim else num / safe_den
+    zero = xp.zeros_like(q)
+    return xp.where(expand_mask(xp, ok, q), q, zero), ok
+
+
+def finite_rows(xp: Any, a: Any) -> Any:
+    """Per-sample: are all entries of the ``(batch, ...)`` array finite?"""
+    flat = xp.reshape(a, (a.shape[0], -1))
+    return xp.all(xp.isfinite(flat), axis=-1)

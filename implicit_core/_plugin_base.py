@@ -1,0 +1,107 @@
+"""Base classes for solver and gradient-estimator plugins.
+
+A solver is a small object with ``init`` / ``step`` over a dict of per-sample arrays of fixed
+shapes, so that the one generic loop in :mod:`implicit_core._loop` runs it eagerly or under a
+tracing compiler alike. Its options are the keyword arguments of ``__init__`` (validated
+there); :meth:`option_names` reads them off the signature so that unknown keys are rejected.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ._errors import ConfigurationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._gradient_context import BackwardContext
+    from ._linear import InverseJacobian
+    from ._problem import Problem
+
+
+class _Configurable:
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        params = inspect.signature(cls.__init__).parameters
+        return [p for p, spec in params.items() if p != "self" and spec.kind is not spec.VAR_KEYWORD]
+
+    def options(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.option_names() if hasattr(self, key)}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+class Solver(_Configurable, abc.ABC):
+    """A fixed-point / root solver over flat ``(batch, n)`` states.
+
+    The state is a dict of arrays whose first axis is the batch; it must contain ``"z"``
+    (the current iterate) and ``"fz"`` (``F(z)``, so that each step costs one evaluation).
+    The core loop measures residuals, freezes converged samples, keeps the best iterate and
+    decides when to stop, identically for every solver.
+    """
+
+    #: True when :meth:`inverse_jacobian` returns a usable estimate (SHINE, Broyden reuse).
+    provides_inverse: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def init(self, problem: "Problem", z0: Any) -> dict[str, Any]:
+        """Initial state from ``z0`` (evaluates ``F(z0)`` once)."""
+
+    @abc.abstractmethod
+    def step(self, problem: "Problem", state: dict[str, Any], k: Any, active: Any) -> dict[str, Any]:
+        """One iteration.
+
+        ``k`` is the number of steps taken so far (0-based, the same for every sample);
+        ``active`` the ``(batch,)`` mask of samples still iterating. Buffers that a backend
+        updates in place (histories) must only change for active samples: write with
+        :func:`write_row`.
+        """
+
+    def inverse_jacobian(self, problem: "Problem", state: dict[str, Any]) -> "InverseJacobian":
+        """Estimate of ``(dg/dz)^-1`` with ``g = F - I``; only for ``provides_inverse`` solvers."""
+        raise ConfigurationError(
+            f"solver {self.name!r} keeps no inverse-Jacobian estimate; "
+            "use a quasi-Newton solver such as 'broyden'"
+        )
+
+
+class GradientEstimator(_Configurable, abc.ABC):
+    """Turns ``g = dL/dz*`` into ``u``; parameter gradients are then ``u^T dF/dargs``.
+
+    The exact answer solves ``u = g + J^T u`` with ``J = dF/dz`` at ``z*``.
+    """
+
+    #: True when the estimator reads the forward solver's inverse-Jacobian estimate.
+    requires_inverse: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def estimate(self, ctx: "BackwardContext") -> Any:
+        """Return ``u`` as a flat ``(batch, n)`` array."""
+
+
+def check_positive_int(owner: str, key: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{owner}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_range(owner: str, key: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigurationError(f"{owner}: {key} must be a number in {bracket}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: Any) -> Any:
+    """``buffer[:, slot] = value`` for active samples only (in place where the backend allows)."""
+    xp = problem.xp
+    old = buffer[:, slot]
+    mask = xp.reshape(active, (active.shape[0],) + (1,) * (value.ndim - 1))
+    return problem.backend.at_set(buffer, (slice(None), slot), xp.where(mask, value, old))

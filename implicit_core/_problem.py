@@ -1,0 +1,147 @@
+"""A batched implicit problem bound to one backend, on flat ``(batch, n)`` arrays.
+
+Users write ``f(z, args)`` on their own state structure (an array, a tuple of arrays of
+different shapes, a pytree on JAX); solvers see only the fixed-point map ``F`` on a
+``(batch, n)`` matrix. The root form ``g(z, args) = 0`` is solved as ``F(z) = z + g(z)``, so
+the gradient estimators need one formula: ``u = g + J_F^T u`` and ``dL/dargs = u^T dF/dargs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ._backend import Backend
+from ._errors import BackendMismatchError, DeviceMismatchError, DTypeError, ShapeError
+
+FIXED_POINT = "fixed_point"
+ROOT = "root"
+
+
+@dataclass
+class Layout:
+    """How a state tree maps to and from a ``(batch, n)`` matrix."""
+
+    treedef: Any
+    shapes: list[tuple[int, ...]]  # per leaf, batch axis excluded
+    sizes: list[int]
+    batch: int
+    dtype: Any
+    device: Any
+
+    @property
+    def n(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass
+class Problem:
+    """``F(z) = z`` on flat arrays: the object every solver and estimator works on.
+
+    Attributes:
+        backend: the backend that owns the arrays.
+        fn: the user's function on the state structure (``f`` or ``g``).
+        args: the user's parameters, passed through untouched.
+        form: ``"fixed_point"`` (``z = f(z, args)``) or ``"root"`` (``g(z, args) = 0``).
+        layout: state structure <-> ``(batch, n)``.
+        user_vjp: for backends without autodiff, ``vjp(z, args, v) -> (v_z, v_args)`` of ``fn``.
+        flat_fn: set instead of ``fn`` for internal problems already on flat arrays
+            (the backward linear systems).
+    """
+
+    backend: Backend
+    layout: Layout
+    fn: Callable[..., Any] | None = None
+    args: Any = None
+    form: str = FIXED_POINT
+    user_vjp: Callable[..., Any] | None = None
+    flat_fn: Callable[[Any], Any] | None = None
+    _checked: bool = field(default=False, repr=False)
+
+    @property
+    def xp(self) -> Any:
+        return self.backend.xp
+
+    @property
+    def eps(self) -> float:
+        """Guard for relative residuals and divisions, scaled to the dtype."""
+        xp = self.xp
+        return float(xp.finfo(self.layout.dtype).eps) ** 2 * 1e4 if self.layout.dtype is not None else 1e-12
+
+    # ----------------------------------------------------------------- structure
+    def flatten(self, tree: Any) -> Any:
+        leaves, _ = self.backend.tree_flatten(tree)
+        xp, b = self.xp, self.layout.batch
+        if len(leaves) == 1:
+            return xp.reshape(leaves[0], (b, -1))
+        return xp.concat([xp.reshape(leaf, (b, -1)) for leaf in leaves], axis=1)
+
+    def unflatten(self, flat: Any) -> Any:
+        xp, lay = self.xp, self.layout
+        leaves, start = [], 0
+        for shape, size in zip(lay.shapes, lay.sizes):
+            part = flat if len(lay.sizes) == 1 else flat[:, start : start + size]
+            leaves.append(xp.reshape(part, (flat.shape[0],) + shape))
+            start += size
+        return self.backend.tree_unflatten(lay.treedef, leaves)
+
+    # ----------------------------------------------------------------- the map
+    def call_user(self, z_tree: Any) -> Any:
+        """The user's function on the state structure, with its output checked once."""
+        out = self.fn(z_tree, self.args)
+        if not self._checked:
+            self.check_output(out, what="f(z0)" if self.form == FIXED_POINT else "g(z0)")
+            self._checked = True
+        return out
+
+    def F(self, z: Any) -> Any:
+        """The fixed-point map on flat arrays: ``f(z)``, or ``z + g(z)`` for root problems."""
+        if self.flat_fn is not None:
+            return self.flat_fn(z)
+        out = self.flatten(self.call_user(self.unflatten(z)))
+        return z + out if self.form == ROOT else out
+
+    def check_output(self, out: Any, what: str) -> None:
+        be, lay = self.backend, self.layout
+        leaves, treedef = be.tree_flatten(out)
+        if len(leaves) != len(lay.shapes) or treedef != lay.treedef:
+            raise ShapeError(
+                f"{what} has a structure with {len(leaves)} array(s), but the state z0 has "
+                f"{len(lay.shapes)}: the function must return the same structure as its input state."
+            )
+        for i, (leaf, shape) in enumerate(zip(leaves, lay.shapes)):
+            if not be.owns(leaf):
+                raise BackendMismatchError(
+                    f"{what} gave a {type(leaf).__module__}.{type(leaf).__name__} for state leaf {i}, "
+                    f"but the solve runs on the {be.name!r} backend: return {be.name} arrays."
+                )
+            expect = (lay.batch,) + tuple(shape)
+            if tuple(leaf.shape) != expect:
+                raise ShapeError(
+                    f"{what} has shape {tuple(leaf.shape)} for state leaf {i}, expected {expect} "
+                    f"(the shape of z0): a fixed-point map must map the state onto itself."
+                )
+            if leaf.dtype != lay.dtype:
+                raise DTypeError(
+                    f"{what} has dtype {leaf.dtype} for state leaf {i}, but z0 has {lay.dtype}: "
+                    f"cast z0 or the function's output so that both use one floating dtype."
+                )
+            if be.device(leaf) != lay.device:
+                raise DeviceMismatchError(
+                    f"{what} has an array on device {be.device(leaf)} for state leaf {i}, "
+                    f"but z0 is on {lay.device}: move the function's parameters to z0's device."
+                )
+
+    # ----------------------------------------------------------------- helpers
+    @classmethod
+    def on_flat(cls, backend: Backend, like: Any, flat_fn: Callable[[Any], Any]) -> "Problem":
+        """An internal problem already on ``(batch, n)`` arrays (e.g. ``u = g + J^T u``)."""
+        layout = Layout(
+            treedef=None,
+            shapes=[tuple(like.shape[1:])],
+            sizes=[int(like.shape[1])],
+            batch=int(like.shape[0]),
+            dtype=like.dtype,
+            device=backend.device(like),
+        )
+        return cls(backend=backend, layout=layout, flat_fn=flat_fn, _checked=True)

@@ -1,0 +1,321 @@
+"""Plugin discovery and lookup.
+
+Built-in backends, solvers and gradient estimators are entry points of the group
+``implicit_core`` in this distribution's metadata, loaded by the same code as a third
+party's. Our own loop over the entry points guards every ``load()`` and every hook call, so
+one broken plugin is reported (and listed as broken by ``implicit-core plugins``) while the
+others load.
+
+Precedence on a name clash: the first registration wins. Built-in entry points (those of the
+``implicit-core`` distribution) load first, so a third party cannot silently replace a
+built-in; its clashing object is listed as broken with the reason. At run time,
+``register(obj, replace=True)`` replaces deliberately.
+
+Environment:
+    IMPLICIT_CORE_DISABLE_PLUGIN_AUTOLOAD=1  load only the built-ins (and the allow-list).
+    IMPLICIT_CORE_PLUGINS=dist-a,dist-b      with the above: third-party distributions to load.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Iterable
+
+import pluggy
+
+from . import hookspecs
+from ._backend import Backend
+from ._errors import ConfigurationError, PluginError, PluginWarning, UnknownPluginError, did_you_mean
+from ._plugin_base import GradientEstimator, Solver
+
+BUILTIN_DIST = "implicit-core"
+GROUP = "implicit_core"
+AUTOLOAD_ENV = "IMPLICIT_CORE_DISABLE_PLUGIN_AUTOLOAD"
+ALLOW_ENV = "IMPLICIT_CORE_PLUGINS"
+
+KINDS = {"backend": Backend, "solver": Solver, "gradient": GradientEstimator}
+HOOKS = {
+    "backend": "implicit_core_backends",
+    "solver": "implicit_core_solvers",
+    "gradient": "implicit_core_gradients",
+}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One row of :func:`implicit_core.plugins`."""
+
+    kind: str  # "backend", "solver", "gradient", or "plugin" for a module that failed to load
+    name: str
+    source: str  # the distribution that provides it, or "runtime"
+    plugin: str  # the entry point / registered plugin name
+    available: bool
+    reason: str = ""
+
+
+@dataclass
+class _Entry:
+    kind: str
+    name: str
+    obj: Any
+    source: str
+    plugin: str
+
+
+def _normalise(dist: str) -> str:
+    return dist.lower().replace("_", "-")
+
+
+class Registry:
+    """The process-wide registry; use the module-level functions rather than this class."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._loaded = False
+        self._entries: dict[str, dict[str, _Entry]] = {k: {} for k in KINDS}
+        self._broken: list[PluginInfo] = []
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+
+    # ----------------------------------------------------------------- loading
+    def reload(self) -> None:
+        """Forget everything and load the entry points again (used by tests and tools)."""
+        with self._lock:
+            for name, plugin in list(self.pm.list_name_plugin()):
+                self.pm.unregister(plugin, name=name)
+            self._entries = {k: {} for k in KINDS}
+            self._broken = []
+            self._loaded = False
+        self.ensure_loaded()
+
+    def ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            self._load_entry_points()
+
+    def _selected_entry_points(self) -> list[tuple[metadata.EntryPoint, str]]:
+        chosen, seen = [], set()
+        autoload = os.environ.get(AUTOLOAD_ENV, "").strip() not in ("1", "true", "yes")
+        allow = {_normalise(d) for d in os.environ.get(ALLOW_ENV, "").split(",") if d.strip()}
+        for ep in metadata.entry_points(group=GROUP):
+            dist = ep.dist.name if ep.dist is not None else "unknown"
+            key = (ep.name, ep.value, _normalise(dist))
+            if key in seen:  # the same distribution found twice on sys.path
+                continue
+            seen.add(key)
+            builtin = _normalise(dist) == BUILTIN_DIST
+            if builtin or autoload or _normalise(dist) in allow:
+                chosen.append((ep, dist))
+        # Built-ins first: they win name clashes.
+        chosen.sort(key=lambda item: _normalise(item[1]) != BUILTIN_DIST)
+        return chosen
+
+    def _load_entry_points(self) -> None:
+        for ep, dist in self._selected_entry_points():
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not stop the others
+                self._mark_broken("plugin", ep.name, dist, ep.name, f"failed to import {ep.value!r}: {exc!r}")
+                continue
+            self._register_plugin(module, ep.name, dist)
+
+    def _register_plugin(self, module: Any, plugin_name: str, source: str) -> None:
+        try:
+            self.pm.register(module, name=plugin_name)
+            self.pm.check_pending()
+        except Exception as exc:
+            self._mark_broken("plugin", plugin_name, source, plugin_name, f"invalid hooks: {exc!r}")
+            try:
+                self.pm.unregister(module)
+            except Exception:
+                pass
+            return
+        for kind, hook_name in HOOKS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            for impl in hook.get_hookimpls():
+                if impl.plugin is not module:
+                    continue
+                try:
+                    impl.function(register=lambda obj, k=kind: self._add(k, obj, source, plugin_name))
+                except Exception as exc:
+                    self._mark_broken(kind, plugin_name, source, plugin_name, f"hook {hook_name} raised {exc!r}")
+
+    def _mark_broken(self, kind: str, name: str, source: str, plugin: str, reason: str) -> None:
+        self._broken.append(PluginInfo(kind, name, source, plugin, False, reason))
+        warnings.warn(f"implicit-core plugin {plugin!r} ({source}) is broken and was skipped: {reason}", PluginWarning, stacklevel=3)
+
+    def _add(self, kind: str, obj: Any, source: str, plugin: str, replace: bool = False) -> None:
+        """Validate and store one registration made by a hook (errors become 'broken' rows)."""
+        try:
+            entry = self._make_entry(kind, obj, source, plugin)
+            taken = self._entries[kind].get(entry.name)
+            if taken is not None and not replace:
+                raise PluginError(
+                    f"{kind} name {entry.name!r} is already taken by {taken.source} ({taken.plugin}); "
+                    "the first registration wins"
+                )
+        except Exception as exc:  # a plugin may hand over anything: report it, never crash
+            self._mark_broken(kind, getattr(obj, "name", repr(obj)), source, plugin, str(exc))
+            return
+        self._entries[kind][entry.name] = entry
+
+    def _make_entry(self, kind: str, obj: Any, source: str, plugin: str) -> _Entry:
+        base = KINDS[kind]
+        cls = obj if inspect.isclass(obj) else type(obj)
+        if not issubclass(cls, base):
+            raise PluginError(f"expected a {base.__name__} subclass for a {kind}, got {obj!r}")
+        if kind != "backend" and not inspect.isclass(obj):
+            raise PluginError(f"register the {kind} class {cls.__name__}, not an instance")
+        if kind == "backend" and inspect.isclass(obj):
+            obj = obj()
+        name = getattr(obj, "name", "")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise PluginError(f"{cls.__name__}.name must be a non-empty identifier, got {name!r}")
+        return _Entry(kind, name, obj, source, plugin)
+
+    # ----------------------------------------------------------------- public
+    def register(self, obj: Any, *, replace: bool = False) -> None:
+        self.ensure_loaded()
+        kind = _kind_of(obj)
+        with self._lock:
+            entry = self._make_entry(kind, obj, "runtime", "runtime")
+            taken = self._entries[kind].get(entry.name)
+            if taken is not None and not replace:
+                raise PluginError(
+                    f"a {kind} named {entry.name!r} is already registered by {taken.source} ({taken.plugin}); "
+                    "pass replace=True to replace it, or choose another name"
+                )
+            self._entries[kind][entry.name] = entry
+
+    def unregister(self, name: str, kind: str | None = None) -> None:
+        self.ensure_loaded()
+        kinds = [kind] if kind else [k for k in KINDS if name in self._entries[k]]
+        if not kinds or any(name not in self._entries.get(k, {}) for k in kinds):
+            known = [n for k in KINDS for n in self._entries[k]]
+            raise UnknownPluginError(f"nothing is registered under {name!r}.{did_you_mean(name, known)}")
+        with self._lock:
+            for k in kinds:
+                del self._entries[k][name]
+
+    def get(self, kind: str, name: str) -> Any:
+        self.ensure_loaded()
+        entries = self._entries[kind]
+        if not isinstance(name, str) or name not in entries:
+            label = {"gradient": "gradient estimator"}.get(kind, kind)
+            broken = [b for b in self._broken if b.name == name]
+            hint = f" It is installed but broken: {broken[0].reason}." if broken else did_you_mean(name, entries)
+            raise UnknownPluginError(
+                f"unknown {label} {name!r}.{hint} Available: {', '.join(sorted(entries)) or 'none'} "
+                "(see `implicit-core plugins`)."
+            )
+        return entries[name].obj
+
+    def names(self, kind: str) -> list[str]:
+        self.ensure_loaded()
+        return sorted(self._entries[kind])
+
+    def backends(self) -> list[Backend]:
+        self.ensure_loaded()
+        return [e.obj for e in self._entries["backend"].values()]
+
+    def infos(self) -> list[PluginInfo]:
+        self.ensure_loaded()
+        rows = []
+        for kind, entries in self._entries.items():
+            for entry in entries.values():
+                ok, reason = True, ""
+                if kind == "backend":
+                    ok, reason = _safe_available(entry.obj)
+                rows.append(PluginInfo(kind, entry.name, entry.source, entry.plugin, ok, reason))
+        return rows + list(self._broken)
+
+
+def _safe_available(backend: Backend) -> tuple[bool, str]:
+    try:
+        ok, reason = backend.available()
+        return bool(ok), str(reason)
+    except Exception as exc:  # a backend's probe must not take the listing down
+        return False, f"available() raised {exc!r}"
+
+
+def _kind_of(obj: Any) -> str:
+    cls = obj if inspect.isclass(obj) else type(obj)
+    for kind, base in KINDS.items():
+        if isinstance(cls, type) and issubclass(cls, base):
+            return kind
+    raise ConfigurationError(
+        f"cannot register {obj!r}: expected a Backend, Solver or GradientEstimator subclass"
+    )
+
+
+REGISTRY = Registry()
+
+
+def plugins() -> list[PluginInfo]:
+    """Every registered backend, solver and gradient estimator, and every broken plugin."""
+    return REGISTRY.infos()
+
+
+def register(obj: Any, *, replace: bool = False) -> None:
+    """Register a Solver / GradientEstimator subclass, or a Backend (class or instance), now."""
+    REGISTRY.register(obj, replace=replace)
+
+
+def unregister(name: str, kind: str | None = None) -> None:
+    """Remove a registration by name (``kind`` disambiguates when names repeat across kinds)."""
+    REGISTRY.unregister(name, kind)
+
+
+def reload_plugins() -> None:
+    """Discard run-time registrations and load the entry points again."""
+    REGISTRY.reload()
+
+
+def _instantiate(kind: str, name: str, options: dict[str, Any]) -> Any:
+    cls = REGISTRY.get(kind, name)
+    allowed = cls.option_names()
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        key = unknown[0]
+        raise ConfigurationError(
+            f"unknown option {key!r} for {kind} {name!r}.{did_you_mean(key, allowed)} "
+            f"Its options are: {', '.join(allowed) or 'none'}."
+        )
+    return cls(**options)
+
+
+def get_solver(name: str, **options: Any) -> Solver:
+    """A configured solver instance, e.g. ``get_solver("anderson", m=6)``."""
+    return _instantiate("solver", name, options)
+
+
+def get_gradient(name: str, **options: Any) -> GradientEstimator:
+    """A configured gradient estimator, e.g. ``get_gradient("ift", solver="broyden", tol=1e-8)``."""
+    return _instantiate("gradient", name, options)
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name`` (it may be unavailable; see ``available()``)."""
+    return REGISTRY.get("backend", name)
+
+
+def available_backends() -> list[str]:
+    return [b.name for b in REGISTRY.backends() if _safe_available(b)[0]]
+
+
+def solver_names_with_inverse() -> list[str]:
+    REGISTRY.ensure_loaded()
+    return sorted(n for n, e in REGISTRY._entries["solver"].items() if e.obj.provides_inverse)
+
+
+def iter_backends() -> Iterable[Backend]:
+    return REGISTRY.backends()

@@ -1,0 +1,41 @@
+"""The hooks a plugin implements; built-ins use exactly these.
+
+Each hook receives a ``register`` callback, so that one plugin may contribute several
+objects and a failure in one registration is reported without losing the others::
+
+    import implicit_core
+
+    @implicit_core.hookimpl
+    def implicit_core_solvers(register):
+        register(MySolver)
+
+and, in the plugin's ``pyproject.toml``::
+
+    [project.entry-points.implicit_core]
+    my_solver = "my_package.plugin"
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT = "implicit_core"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def implicit_core_backends(register: Callable[[Any], None]) -> None:
+    """Register :class:`~implicit_core.Backend` subclasses or instances."""
+
+
+@hookspec
+def implicit_core_solvers(register: Callable[[Any], None]) -> None:
+    """Register :class:`~implicit_core.Solver` subclasses."""
+
+
+@hookspec
+def implicit_core_gradients(register: Callable[[Any], None]) -> None:
+    """Register :class:`~implicit_core.GradientEstimator` subclasses."""

@@ -1,0 +1,34 @@
+"""Implicit differentiation: solve the adjoint system exactly (Bai, Kolter & Koltun, 2019)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from implicit_core import GradientEstimator
+from implicit_core._plugin_base import check_positive_int, check_range
+
+from ._solver_option import resolve_solver
+
+
+class IFT(GradientEstimator):
+    """Exact implicit gradient: ``u`` solves ``u = g + J^T u``, i.e. ``(I - J^T) u = g``.
+
+    The adjoint system is itself a fixed-point problem, solved by any registered solver
+    (one VJP per iteration), warm-started at ``u0 = g``. Its convergence is reported in
+    ``info.backward`` and handled by ``on_fail`` like the forward solve.
+
+    Args:
+        solver: backward solver name or instance (default ``"anderson"``).
+        tol, max_iter: backward stopping rule; ``None`` uses the forward's.
+    """
+
+    name = "ift"
+
+    def __init__(self, solver: Any = "anderson", tol: float | None = None, max_iter: int | None = None):
+        self.solver = solver
+        self._solver = resolve_solver("ift", solver)
+        self.tol = None if tol is None else check_range("ift", "tol", tol, 0.0, float("inf"), low_open=True)
+        self.max_iter = None if max_iter is None else check_positive_int("ift", "max_iter", max_iter)
+
+    def estimate(self, ctx) -> Any:
+        return ctx.solve_adjoint(self._solver, ctx.g, tol=self.tol, max_iter=self.max_iter)

@@ -1,0 +1,144 @@
+"""Broyden's method on ``g(z) = F(z) - z`` with a low-rank inverse-Jacobian estimate."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from implicit_core import Solver
+from implicit_core._errors import ConfigurationError
+from implicit_core._linear import LowRankInverse
+from implicit_core._ops import bdot, bnorm, safe_divide
+from implicit_core._plugin_base import check_positive_int, check_range, write_row
+
+UPDATES = ("good", "adjoint")
+
+
+class Broyden(Solver):
+    """Quasi-Newton root finding with ``H ≈ (dg/dz)^-1 = (J - I)^-1`` kept as ``-I + U^T V``.
+
+    Step ``dz = -alpha H g(z)``. The update of ``H`` is a rank-one term ``u v^T``
+    written into slot ``k mod m`` of the ``(batch, m, n)`` buffers:
+
+    * ``update="good"`` (Broyden's "good" inverse update), with ``dg = g(z + dz) - g(z)``:
+      ``u = (dz - H dg) / (dz^T H dg)``, ``v = H^T dz``, so that ``H_+ dg = dz``.
+    * ``update="adjoint"`` (adjoint Broyden, type C, as in SHINE): with ``s = g(z_+)`` and
+      ``y = J_g(z_+)^T s`` (one extra VJP per step), ``u = H s``,
+      ``v = (s - H^T y) / (s^T H^T y)``, so that ``H_+^T y = s``: the transpose, which SHINE
+      uses in the backward pass, is exact along the directions the solve explored.
+
+    Outer-problem awareness (``opa=callable``, SHINE's OPA): every ``opa_freq`` steps an extra
+    adjoint update along ``e = H dL/dz`` (``opa(z)`` returns ``dL/dz`` in the state's
+    structure), which makes ``H^T`` accurate in the direction the backward pass will query.
+
+    Samples whose update denominator is tiny or not finite skip that update. The estimate is
+    exposed through :meth:`inverse_jacobian` for ``shine`` and ``broyden_reuse``.
+
+    Args:
+        m: number of rank-one terms kept (older ones are overwritten).
+        step_size: ``alpha`` in ``(0, 1]``.
+        update: ``"good"`` or ``"adjoint"``.
+        opa: callable ``z -> dL/dz`` enabling OPA updates; opa_freq: their period.
+        initial_inverse: a :class:`LowRankInverse` to start from instead of ``-I``.
+    """
+
+    name = "broyden"
+    provides_inverse = True
+
+    def __init__(
+        self,
+        m: int = 30,
+        step_size: float = 1.0,
+        update: str = "good",
+        opa: Callable[[Any], Any] | None = None,
+        opa_freq: int = 5,
+        initial_inverse: LowRankInverse | None = None,
+    ):
+        self.m = check_positive_int("broyden", "m", m)
+        self.step_size = check_range("broyden", "step_size", step_size, 0.0, 1.0, low_open=True)
+        if update not in UPDATES:
+            raise ConfigurationError(f"broyden: update must be one of {UPDATES}, got {update!r}")
+        self.update = update
+        if opa is not None and not callable(opa):
+            raise ConfigurationError("broyden: opa must be a callable z -> dL/dz, or None")
+        self.opa = opa
+        self.opa_freq = check_positive_int("broyden", "opa_freq", opa_freq)
+        if initial_inverse is not None and not isinstance(initial_inverse, LowRankInverse):
+            raise ConfigurationError("broyden: initial_inverse must be a LowRankInverse")
+        self.initial_inverse = initial_inverse
+
+    # ----------------------------------------------------------------- helpers
+    def _offset(self) -> int:
+        return 0 if self.initial_inverse is None else self.initial_inverse.rank
+
+    def _opa_fires(self, k: Any) -> Any:
+        return (k > 0) & (k % self.opa_freq == 0)
+
+    def _write(self, problem, state, index, u, v, active):
+        slot = self._offset() + index % self.m
+        state["U"] = write_row(problem, state["U"], slot, u, active)
+        state["V"] = write_row(problem, state["V"], slot, v, active)
+
+    def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any) -> tuple[Any, Any]:
+        """Rank-one terms making ``H_+^T J_g(z)^T s = s``."""
+        xp = problem.xp
+        if problem.flat_fn is not None:
+            raise ConfigurationError(
+                "broyden: the adjoint update needs VJPs of the function, which internal backward "
+                "systems do not provide; use update='good' for the backward solver"
+            )
+        y = problem.backend.vjp_at(problem, z, s) - s  # J_g^T s with g = F - I
+        b = H.rmatvec(y)
+        v, ok = safe_divide(xp, s - b, bdot(xp, b, s), problem.eps)
+        u = xp.where(ok[:, None], H.matvec(s), 0.0)
+        return u, v
+
+    # ----------------------------------------------------------------- solver
+    def init(self, problem, z0) -> dict[str, Any]:
+        xp, be = problem.xp, problem.backend
+        batch, n = z0.shape
+        shape = (batch, self.m, n)
+        U = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
+        V = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
+        if self.initial_inverse is not None:
+            U = xp.concat([self.initial_inverse.U, U], axis=1)
+            V = xp.concat([self.initial_inverse.V, V], axis=1)
+        return {"z": z0, "fz": problem.F(z0), "U": U, "V": V}
+
+    def step(self, problem, state, k, active) -> dict[str, Any]:
+        xp, be = problem.xp, problem.backend
+        state = dict(state)
+        z, fz = state["z"], state["fz"]
+        written = k  # rank-one terms written before this step: one per step, plus OPA's
+        if self.opa is not None:
+            fires = self._opa_fires(k)
+            written = k + xp.where(k > 0, (k - 1) // self.opa_freq, 0)
+
+            def opa_update():
+                H = LowRankInverse(state["U"], state["V"], xp)
+                e = H.matvec(problem.flatten(self.opa(problem.unflatten(z))))
+                prev = -H.matvec(fz - z)  # the coming quasi-Newton step sets the scale
+                e = e * (bnorm(xp, prev) / (bnorm(xp, e) + problem.eps))[:, None]
+                u, v = self._adjoint_terms(problem, H, z, e)
+                self._write(problem, state, written, u, v, active)
+                return state["U"], state["V"]
+
+            state["U"], state["V"] = be.cond(fires, opa_update, lambda: (state["U"], state["V"]))
+            written = written + xp.astype(fires, written.dtype)
+        H = LowRankInverse(state["U"], state["V"], xp)
+        gz = fz - z
+        dz = -self.step_size * H.matvec(gz)
+        z_new = z + dz
+        fz_new = problem.F(z_new)
+        g_new = fz_new - z_new
+        if self.update == "good":
+            Hdg = H.matvec(g_new - gz)
+            u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
+            v = xp.where(ok[:, None], H.rmatvec(dz), 0.0)
+        else:
+            u, v = self._adjoint_terms(problem, H, z_new, g_new)
+        self._write(problem, state, written, u, v, active)
+        state.update(z=z_new, fz=fz_new)
+        return state
+
+    def inverse_jacobian(self, problem, state) -> LowRankInverse:
+        return LowRankInverse(state["U"], state["V"], problem.xp)
