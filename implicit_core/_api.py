@@ -133,10 +133,11 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
 
     def backward(g_flat: Any) -> Any:
         ctx = BackwardContext(problem, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail)
-        u = gradient_obj.estimate(ctx)
-        info.backward = ctx.backward_info
-        info.extras.update(ctx.extras)
-        return u
+        try:
+            return gradient_obj.estimate(ctx)
+        finally:  # also when the backward solve raised: info says what happened
+            info.backward = ctx.backward_info
+            info.extras.update(ctx.extras)
 
     z_out, info.vjp = be.attach(problem, result.z, backward)
     return z_out, info

@@ -1,0 +1,113 @@
+"""A shared problem set, written with the array-API namespace so every backend runs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+import implicit_core as ic
+
+#: Every backend the tests run on; a new backend is tested by adding it here.
+BACKENDS = ["numpy", "cupy"]
+SOLVERS = ["fixed_point", "anderson", "broyden"]
+GRADIENTS = ["ift", "jfb", "phantom", "shine", "broyden_reuse"]
+
+
+def backend_or_skip(name: str):
+    import pytest
+
+    be = ic.get_backend(name)
+    ok, reason = be.available()
+    if not ok:
+        pytest.skip(f"backend {name} unavailable: {reason}")
+    return be
+
+
+@dataclass
+class Case:
+    """A batched problem ``z = f(z, args)`` with its hand-written VJP."""
+
+    f: Callable
+    vjp: Callable
+    args: Any
+    z0: Any
+    be: Any
+
+    def to_host(self, x):
+        return np.asarray(self.be.to_python(x))
+
+
+def tanh_case(be, *, batch=5, n=8, norm=0.8, dtype="float64", seed=0, input_scale=1.0) -> Case:
+    """``f(z) = tanh(z W^T + c)`` with ``||W||_2 = norm``: contractive for ``norm < 1``."""
+    xp = be.xp
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n, n))
+    W *= norm / np.linalg.norm(W, 2)
+    c = input_scale * rng.standard_normal((batch, n))
+    W, c = (xp.asarray(a.astype(dtype)) for a in (W, c))
+
+    def f(z, args):
+        W, c = args
+        return xp.tanh(z @ W.T + c)
+
+    def vjp(z, args, v):
+        W, c = args
+        y = xp.tanh(z @ W.T + c)
+        s = v * (1 - y * y)
+        return s @ W, (s.T @ z, s)
+
+    return Case(f, vjp, (W, c), xp.zeros((batch, n), dtype=W.dtype), be)
+
+
+def linear_case(be, *, batch=4, n=6, norm=0.7, seed=0) -> Case:
+    """``f(z) = z A^T + b``: ``z* = (I - A)^-1 b`` and every gradient is closed-form."""
+    xp = be.xp
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, n))
+    A *= norm / np.linalg.norm(A, 2)
+    b = rng.standard_normal((batch, n))
+    A, b = xp.asarray(A), xp.asarray(b)
+
+    def f(z, args):
+        A, b = args
+        return z @ A.T + b
+
+    def vjp(z, args, v):
+        A, b = args
+        return v @ A, (v.T @ z, v)
+
+    return Case(f, vjp, (A, b), xp.zeros((batch, n), dtype=A.dtype), be)
+
+
+def tuple_case(be, *, batch=3, seed=0) -> Case:
+    """A two-resolution state ``(a (batch, 4), b (batch, 2, 3))`` coupled through tanh."""
+    xp = be.xp
+    rng = np.random.default_rng(seed)
+    n = 4 + 6
+    W = rng.standard_normal((n, n))
+    W *= 0.7 / np.linalg.norm(W, 2)
+    c = rng.standard_normal((batch, n))
+    W, c = xp.asarray(W), xp.asarray(c)
+
+    def pack(z):
+        a, b = z
+        return xp.concat([a, xp.reshape(b, (a.shape[0], 6))], axis=1)
+
+    def unpack(flat):
+        return flat[:, :4], xp.reshape(flat[:, 4:], (flat.shape[0], 2, 3))
+
+    def f(z, args):
+        W, c = args
+        return unpack(xp.tanh(pack(z) @ W.T + c))
+
+    def vjp(z, args, v):
+        W, c = args
+        zf = pack(z)
+        y = xp.tanh(zf @ W.T + c)
+        s = pack(v) * (1 - y * y)
+        return unpack(s @ W), (s.T @ zf, s)
+
+    z0 = (xp.zeros((batch, 4), dtype=W.dtype), xp.zeros((batch, 2, 3), dtype=W.dtype))
+    return Case(f, vjp, (W, c), z0, be)

@@ -1,0 +1,159 @@
+"""Every built-in solver on the shared problem set, on every backend."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import implicit_core as ic
+from helpers import SOLVERS, linear_case, tanh_case, tuple_case
+
+# Steps to tol 1e-10 on the linear reference map (n = 6, ||A|| = 0.7), measured; a regression
+# in any solver's convergence speed shows up here.
+MAX_STEPS = {"fixed_point": 75, "anderson": 25, "broyden": 16}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_linear_map_reaches_closed_form(be, solver):
+    case = linear_case(be)
+    z, info = ic.fixed_point(case.f, case.z0, case.args, solver=solver, tol=1e-10, max_iter=200, vjp=case.vjp)
+    A, b = (case.to_host(a) for a in case.args)
+    z_exact = np.linalg.solve(np.eye(A.shape[0]) - A, b.T).T
+    np.testing.assert_allclose(case.to_host(z), z_exact, atol=1e-9)
+    assert case.to_host(info.converged).all()
+    assert case.to_host(info.residual).max() <= 1e-10
+    assert case.to_host(info.steps).max() <= MAX_STEPS[solver]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_tuple_state_of_different_shapes(be, solver):
+    case = tuple_case(be)
+    (a, b), info = ic.fixed_point(case.f, case.z0, case.args, solver=solver, tol=1e-9, max_iter=200)
+    assert a.shape == (3, 4) and b.shape == (3, 2, 3)
+    fa, fb = case.f((a, b), case.args)
+    assert np.abs(case.to_host(fa - a)).max() < 1e-8
+    assert np.abs(case.to_host(fb - b)).max() < 1e-8
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_per_sample_stopping_freezes_converged_samples(be, solver):
+    """Easy samples (saturating input, tiny Jacobian) stop early; their result is the one they converged to."""
+    xp = be.xp
+    case = tanh_case(be, batch=4, n=8, norm=0.9)
+    W, c = case.args
+    scale = xp.asarray(np.array([5.0, 0.05, 5.0, 0.05])[:, None])  # saturated tanh = easy
+    args = (W, c * scale)
+    z, info = ic.fixed_point(case.f, case.z0, args, solver=solver, tol=1e-8, max_iter=300, trace=True)
+    steps = case.to_host(info.steps)
+    assert steps[0] < steps[1] and steps[2] < steps[3]
+    trace = case.to_host(info.trace)
+    # After its last step, the easy sample's recorded residual never changes again.
+    assert np.all(trace[steps[0] :, 0] == trace[steps[0], 0])
+    # ... and the result of a sample does not depend on its batch-mates.
+    z_alone, _ = ic.fixed_point(case.f, case.z0[:1], (W, args[1][:1]), solver=solver, tol=1e-8, max_iter=300)
+    np.testing.assert_allclose(case.to_host(z)[:1], case.to_host(z_alone), rtol=0, atol=1e-12)
+
+
+def test_trace_has_one_row_per_step(be):
+    case = tanh_case(be)
+    _, info = ic.fixed_point(case.f, case.z0, case.args, solver="anderson", tol=1e-8, max_iter=100, trace=True)
+    trace = case.to_host(info.trace)
+    assert trace.shape == (case.to_host(info.steps).max() + 1, 5)
+    assert np.all(trace[-1] <= 1e-8)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_non_finite_sample_is_stopped_and_reported_alone(be, solver):
+    xp = be.xp
+    case = tanh_case(be, batch=3)
+
+    def f(z, args):
+        out = case.f(z, args)
+        # Sample 1 produces NaN once its iterate moves away from zero.
+        poison = xp.where(xp.abs(z[1:2, :1]) > 0, float("nan"), 0.0)
+        return xp.concat([out[:1], out[1:2] + poison, out[2:]], axis=0)
+
+    z, info = ic.fixed_point(f, case.z0, case.args, solver=solver, tol=1e-8, max_iter=100, on_fail="ignore")
+    status = case.to_host(info.status)
+    assert list(status) == [1, 3, 1]
+    assert info.failed == [1]
+    assert info.reasons() == {1: "non-finite values"}
+    assert np.isfinite(case.to_host(z)).all()  # the last finite iterate is returned
+
+
+def test_divergence_stops_the_sample(be):
+    xp = be.xp
+    z0 = xp.asarray(np.array([[1.0], [0.0]]))
+    f = lambda z, a: 3.0 * z  # noqa: E731  expanding; sample 1 sits on the fixed point 0
+    z, info = ic.fixed_point(f, z0, solver="fixed_point", tol=1e-10, max_iter=100, on_fail="ignore", divergence=1e3)
+    assert list(case_host(be, info.status)) == [4, 1]
+    assert case_host(be, info.steps)[0] < 10
+
+
+def case_host(be, x):
+    return np.asarray(be.to_python(x))
+
+
+def test_anderson_singular_least_squares_does_not_crash(be):
+    """Identical history rows (a map that returns a constant) make G G^T singular."""
+    xp = be.xp
+    const = xp.asarray(np.ones((2, 5)))
+    z, info = ic.fixed_point(lambda z, a: const, xp.zeros((2, 5), dtype=const.dtype), solver=ic.get_solver("anderson", m=4, lam=0.0), tol=1e-12, max_iter=10)
+    np.testing.assert_allclose(case_host(be, z), 1.0)
+    # A map with NaN in one sample's history: that sample falls back, the other converges.
+    z, info = ic.fixed_point(lambda z, a: z * 0.5, xp.asarray(np.ones((2, 3))), solver=ic.get_solver("anderson", lam=0.0), tol=1e-12, max_iter=100)
+    assert case_host(be, info.converged).all()
+
+
+def test_best_iterate_is_returned(be):
+    """A map that overshoots after converging: the returned point is the lowest-residual one."""
+    case = tanh_case(be, batch=2)
+    z, info = ic.fixed_point(case.f, case.z0, case.args, solver="fixed_point", tol=1e-30, max_iter=40, on_fail="ignore", trace=True)
+    trace = case_host(be, info.trace)
+    np.testing.assert_allclose(case_host(be, info.residual), trace.min(axis=0))
+
+
+def test_root_form_matches_fixed_point_form(be):
+    case = tanh_case(be)
+    g = lambda z, a: case.f(z, a) - z  # noqa: E731
+    z_fp, _ = ic.fixed_point(case.f, case.z0, case.args, tol=1e-10, max_iter=100)
+    for solver in SOLVERS:
+        z_root, info = ic.root(g, case.z0, case.args, solver=solver, tol=1e-10, max_iter=200)
+        np.testing.assert_allclose(case_host(be, z_root), case_host(be, z_fp), atol=1e-9)
+
+
+def test_broyden_adjoint_update_and_opa_converge(be):
+    case = tanh_case(be, n=10, norm=0.9)
+    z_ref, _ = ic.fixed_point(case.f, case.z0, case.args, tol=1e-11, max_iter=200)
+    for opts in ({"update": "adjoint"}, {"opa": lambda z: z, "opa_freq": 3}, {"update": "adjoint", "opa": lambda z: z}):
+        z, info = ic.fixed_point(case.f, case.z0, case.args, solver=ic.get_solver("broyden", **opts), tol=1e-10, max_iter=100, vjp=case.vjp)
+        assert case_host(be, info.converged).all(), opts
+        np.testing.assert_allclose(case_host(be, z), case_host(be, z_ref), atol=1e-9)
+
+
+def test_limited_memory_broyden_wraps_its_buffer(be):
+    case = tanh_case(be, n=12, norm=0.95)
+    z, info = ic.fixed_point(case.f, case.z0, case.args, solver=ic.get_solver("broyden", m=3), tol=1e-10, max_iter=200)
+    assert case_host(be, info.converged).all()
+    assert case_host(be, info.steps).max() > 3
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    batch=st.integers(1, 6),
+    dtype=st.sampled_from(["float32", "float64"]),
+    solver=st.sampled_from(SOLVERS),
+    norm=st.floats(0.05, 0.9),
+    m=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_property_contractive_maps_converge_below_tol(n, batch, dtype, solver, norm, m, seed):
+    be = ic.get_backend("numpy")
+    case = tanh_case(be, batch=batch, n=n, norm=norm, dtype=dtype, seed=seed)
+    tol = 1e-4 if dtype == "float32" else 1e-9
+    options = {"m": m} if solver != "fixed_point" else {"tau": 1.0}
+    z, info = ic.fixed_point(case.f, case.z0, case.args, solver=solver, tol=tol, max_iter=500, on_fail="raise", **options)
+    assert z.dtype == np.dtype(dtype)
+    assert (info.residual <= tol).all() and info.converged.all()
+    assert (info.steps <= 500).all()
