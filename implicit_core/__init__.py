@@ -20,6 +20,7 @@ from ._errors import (
     PluginWarning,
     ShapeError,
     UnknownPluginError,
+    UserFunctionError,
 )
 from ._explicit import ExplicitVJPBackend
 from ._gradient_context import BackwardContext
@@ -53,5 +54,5 @@ __all__ = [
     "jacobian_regularisation", "spectral_radius",
     "ImplicitError", "ConfigurationError", "UnknownPluginError", "ShapeError", "DTypeError",
     "BackendMismatchError", "DeviceMismatchError", "BackendUnavailableError", "PluginError",
-    "NonFiniteError", "ConvergenceError", "ConvergenceWarning", "PluginWarning",
+    "NonFiniteError", "UserFunctionError", "ConvergenceError", "ConvergenceWarning", "PluginWarning",
 ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+
+import array_api_compat
 from typing import Any, Callable
 
 from ._backend import Backend
@@ -245,14 +247,13 @@ def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
                 f"z0 holds a {_describe(leaf)} but the backend is {be.name!r}: pass {be.name} arrays "
                 "or choose the matching backend."
             )
-    arg_leaves, _ = be.tree_flatten(args)
-    for leaf in arg_leaves:
-        owner = _owner(leaf, backends)
-        if owner is not None and owner is not be:
-            raise BackendMismatchError(
-                f"args holds a {_describe(leaf)} ({owner.name}) while z0 is on the {be.name!r} backend: "
-                "keep the state and the parameters in one array library."
-            )
+    for leaf in _generic_leaves(args):
+        if be.owns(leaf) or not array_api_compat.is_array_api_obj(leaf):
+            continue
+        raise BackendMismatchError(
+            f"args holds a {_describe(leaf)} while z0 is on the {be.name!r} backend: "
+            "keep the state and the parameters in one array library."
+        )
     return be
 
 

@@ -46,6 +46,10 @@ class PluginError(ImplicitError, RuntimeError):
     """A plugin failed to load, raised in a hook, or registered something invalid."""
 
 
+class UserFunctionError(ImplicitError, RuntimeError):
+    """The user's function raised on its first call (the original error is chained)."""
+
+
 class NonFiniteError(ImplicitError, FloatingPointError):
     """NaN or Inf where finite values are required."""
 

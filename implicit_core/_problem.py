@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ._backend import Backend
-from ._errors import BackendMismatchError, DeviceMismatchError, DTypeError, ShapeError
+from ._errors import BackendMismatchError, DeviceMismatchError, DTypeError, ShapeError, UserFunctionError
 
 FIXED_POINT = "fixed_point"
 ROOT = "root"
@@ -88,10 +88,19 @@ class Problem:
     # ----------------------------------------------------------------- the map
     def call_user(self, z_tree: Any) -> Any:
         """The user's function on the state structure, with its output checked once."""
-        out = self.fn(z_tree, self.args)
-        if not self._checked:
-            self.check_output(out, what="f(z0)" if self.form == FIXED_POINT else "g(z0)")
-            self._checked = True
+        if self._checked:
+            return self.fn(z_tree, self.args)
+        what = "f(z0)" if self.form == FIXED_POINT else "g(z0)"
+        try:
+            out = self.fn(z_tree, self.args)
+        except Exception as exc:
+            shapes = [tuple(leaf.shape) for leaf in self.backend.tree_flatten(z_tree)[0]]
+            raise UserFunctionError(
+                f"{what} raised {type(exc).__name__}: {exc}. The state z0 has shape(s) {shapes} "
+                "(batch first): check that it matches what the function expects."
+            ) from exc
+        self.check_output(out, what=what)
+        self._checked = True
         return out
 
     def F(self, z: Any) -> Any:

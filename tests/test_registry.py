@@ -1,0 +1,201 @@
+"""Plugin discovery: built-ins and third parties through the same entry-point group."""
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import implicit_core as ic
+from helpers import linear_case
+
+
+@pytest.fixture
+def fresh_registry():
+    """A monkeypatch whose changes are undone *before* the registry reloads its entry points."""
+    patch = pytest.MonkeyPatch()
+    yield patch
+    patch.undo()
+    ic.reload_plugins()
+
+
+def solver_names():
+    return {p.name for p in ic.plugins() if p.kind == "solver" and p.available}
+
+
+def test_builtins_come_from_entry_points():
+    rows = {(p.kind, p.name): p for p in ic.plugins()}
+    for kind, name in [("backend", "numpy"), ("backend", "cupy"), ("solver", "anderson"), ("solver", "broyden"),
+                       ("solver", "fixed_point"), ("gradient", "ift"), ("gradient", "jfb"), ("gradient", "phantom"),
+                       ("gradient", "shine"), ("gradient", "broyden_reuse")]:
+        assert rows[(kind, name)].source == "implicit-core"
+    assert rows[("backend", "numpy")].available
+    cupy = rows[("backend", "cupy")]
+    if not cupy.available:
+        assert cupy.reason  # unavailable always says why
+
+
+def test_unknown_names_suggest_the_closest():
+    with pytest.raises(ic.UnknownPluginError, match="Did you mean 'anderson'"):
+        ic.get_solver("andersen")
+    with pytest.raises(ic.UnknownPluginError, match="Did you mean 'shine'"):
+        ic.get_gradient("shin")
+    with pytest.raises(ic.ConfigurationError, match="Did you mean 'm'.*Its options are: m, lam, beta"):
+        ic.get_solver("anderson", mm=3)
+
+
+class Halving(ic.Solver):
+    """A third-party solver: z <- (z + F(z)) / 2, with a fake identity-based inverse."""
+
+    name = "halving"
+    provides_inverse = True
+
+    def __init__(self, weight: float = 0.5):
+        self.weight = weight
+
+    def init(self, problem, z0):
+        return {"z": z0, "fz": problem.F(z0)}
+
+    def step(self, problem, state, k, active):
+        z = self.weight * state["z"] + (1 - self.weight) * state["fz"]
+        return {"z": z, "fz": problem.F(z)}
+
+    def inverse_jacobian(self, problem, state):
+        xp = problem.xp
+        zeros = xp.zeros((state["z"].shape[0], 1, state["z"].shape[1]), dtype=state["z"].dtype)
+        return ic.LowRankInverse(zeros, zeros, xp)  # H = -I: SHINE then equals JFB
+
+
+def test_runtime_registration_is_used_by_fixed_point_and_shine(fresh_registry):
+    ic.register(Halving)
+    be = ic.get_backend("numpy")
+    case = linear_case(be)
+    z, info = ic.fixed_point(case.f, case.z0, case.args, solver="halving", gradient="shine", tol=1e-10, max_iter=400, vjp=case.vjp)
+    assert info.converged.all() and info.solver == "halving"
+    w = np.ones_like(z)
+    np.testing.assert_array_equal(info.vjp(w)[1], w)  # -H^T g with H = -I is g
+    with pytest.raises(ic.PluginError, match="already registered"):
+        ic.register(Halving)
+    ic.register(Halving, replace=True)
+    ic.unregister("halving")
+    with pytest.raises(ic.UnknownPluginError):
+        ic.get_solver("halving")
+
+
+def test_registering_garbage_is_a_typed_error(fresh_registry):
+    with pytest.raises(ic.ConfigurationError):
+        ic.register(object)
+    with pytest.raises(ic.PluginError, match="class"):
+        ic.register(Halving())
+
+
+def _make_distribution(root, dist, module, source, entry="thirdparty"):
+    """A distribution as pip would install it: a module plus its .dist-info with entry points."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[implicit_core]\n{entry} = {module}\n")
+
+
+GOOD_PLUGIN = """
+    import implicit_core as ic
+
+    class Relaxed(ic.Solver):
+        name = "relaxed"
+        def __init__(self, tau: float = 0.7):
+            self.tau = tau
+        def init(self, problem, z0):
+            return {"z": z0, "fz": problem.F(z0)}
+        def step(self, problem, state, k, active):
+            z = self.tau * state["fz"] + (1 - self.tau) * state["z"]
+            return {"z": z, "fz": problem.F(z)}
+
+    @ic.hookimpl
+    def implicit_core_solvers(register):
+        register(Relaxed)
+"""
+
+
+def test_entry_point_plugin_of_another_distribution(tmp_path, fresh_registry):
+    monkeypatch = fresh_registry
+    _make_distribution(tmp_path, "relaxed-solver", "relaxed_solver", GOOD_PLUGIN)
+    _make_distribution(tmp_path, "broken-plugin", "broken_plugin", "raise ImportError('boom at import')", entry="broken")
+    _make_distribution(tmp_path, "raising-hook", "raising_hook", """
+        import implicit_core as ic
+        @ic.hookimpl
+        def implicit_core_solvers(register):
+            raise RuntimeError("hook exploded")
+    """, entry="raising")
+    _make_distribution(tmp_path, "clashing", "clashing", """
+        import implicit_core as ic
+        from implicit_solvers import Anderson
+        class Fake(Anderson):
+            pass
+        @ic.hookimpl
+        def implicit_core_solvers(register):
+            register(Fake)      # name 'anderson' is taken by the built-in
+            register(42)        # garbage
+    """, entry="clash")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ic.reload_plugins()
+    assert any(issubclass(w.category, ic.PluginWarning) for w in caught)
+    rows = {(p.kind, p.name): p for p in ic.plugins()}
+    assert rows[("solver", "relaxed")].source == "relaxed-solver"
+    assert "boom at import" in rows[("plugin", "broken")].reason
+    assert "hook exploded" in rows[("solver", "raising")].reason
+    broken_reasons = " ".join(p.reason for p in ic.plugins() if not p.available)
+    assert "already taken by implicit-core" in broken_reasons
+    assert "expected a Solver subclass" in broken_reasons
+    # the built-in anderson still wins, everything else still works
+    assert type(ic.get_solver("anderson")).__module__ == "implicit_solvers.anderson"
+    case = linear_case(ic.get_backend("numpy"))
+    z, info = ic.fixed_point(case.f, case.z0, case.args, solver="relaxed", tol=1e-10, max_iter=300)
+    assert info.converged.all()
+    with pytest.raises(ic.UnknownPluginError, match="broken"):
+        ic.get_solver("raising")
+
+
+def test_autoload_switch_keeps_only_builtins_and_the_allow_list(tmp_path, fresh_registry):
+    monkeypatch = fresh_registry
+    _make_distribution(tmp_path, "relaxed-solver", "relaxed_solver", GOOD_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("IMPLICIT_CORE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    ic.reload_plugins()
+    names = solver_names()
+    assert "relaxed" not in names and "anderson" in names
+    monkeypatch.setenv("IMPLICIT_CORE_PLUGINS", "relaxed-solver")
+    ic.reload_plugins()
+    assert "relaxed" in solver_names()
+
+
+def test_core_imports_no_framework():
+    """implicit_core (and its plugins) import only numpy, pluggy and array-api-compat."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        warnings.simplefilter("error")
+        import implicit_core, implicit_core.cli, implicit_solvers, implicit_gradients, implicit_numpy, implicit_cupy
+        implicit_core.plugins()
+        bad = sorted(m for m in ("torch", "jax", "cupy", "jaxlib", "tensorflow") if m in sys.modules)
+        print(",".join(bad))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Probing cupy's availability imports cupy, and that is the one place it may happen.
+    assert out.stdout.strip() in ("", "cupy"), out.stdout
+    code_nocupy = code.replace("implicit_core.plugins()", "")
+    out = subprocess.run([sys.executable, "-c", code_nocupy], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_every_module_imports_with_warnings_as_errors():
+    import pkgutil
+
+    import implicit_core
+
+    names = [m.name for m in pkgutil.walk_packages(implicit_core.__path__, "implicit_core.")]
+    code = "import warnings; warnings.simplefilter('error')\n" + "\n".join(f"import {n}" for n in names)
+    subprocess.run([sys.executable, "-c", code], check=True)
