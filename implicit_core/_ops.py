@@ -23,7 +23,8 @@ def expand_mask(xp: Any, mask: Any, like: Any) -> Any:
 def select(xp: Any, mask: Any, new: Any, old: Any) -> Any:
     """Per-sample ``where`` over arrays or dicts of arrays with a leading batch axis."""
     if isinstance(new, dict):
-        return {key: select(xp, mask, new[key], old[key]) for key in new}
+        # A buffer updated in place is the same object in both: its rows were already masked.
+        return {key: new[key] if new[key] is old[key] else select(xp, mask, new[key], old[key]) for key in new}
     return xp.where(expand_mask(xp, mask, new), new, old)
 
 

@@ -207,3 +207,30 @@ def test_backward_non_convergence_is_reported(be):
     with pytest.raises(ic.ConvergenceError, match="backward"):
         info.vjp(w)
     assert not host(be, info.backward.converged).any()
+
+
+@pytest.mark.parametrize("gradient", ["ift", "shine", "broyden_reuse"])
+def test_root_form_gradients_equal_fixed_point_form(be, gradient):
+    """g(z) = f(z) - z with its own VJP gives the same dL/dargs as the fixed-point form."""
+    case = tanh_case(be, batch=3, n=6)
+    w = loss_weights(be, (3, 6))
+    g = lambda z, a: case.f(z, a) - z  # noqa: E731
+
+    def g_vjp(z, a, v):
+        vz, va = case.vjp(z, a, v)
+        return vz - v, va
+
+    ift = ic.get_gradient("ift", tol=1e-13, max_iter=300) if gradient == "ift" else gradient
+    solver = ic.get_solver("broyden", update="adjoint")
+    _, info_fp = ic.fixed_point(case.f, case.z0, case.args, solver=solver, gradient=ift, tol=1e-12, max_iter=100, vjp=case.vjp)
+    _, info_root = ic.root(g, case.z0, case.args, solver=solver, gradient=ift, tol=1e-12, max_iter=100, vjp=g_vjp)
+    for a, b in zip(info_fp.vjp(w), info_root.vjp(w)):
+        np.testing.assert_allclose(host(be, b), host(be, a), atol=1e-9)
+
+
+def test_rel_stop_mode_uses_the_relative_residual(be):
+    case = tanh_case(be)
+    _, info = ic.fixed_point(case.f, case.z0, case.args, tol=1e-6, stop_mode="rel", max_iter=100)
+    rel, absolute = host(be, info.rel_residual), host(be, info.residual)
+    assert (rel <= 1e-6).all() and host(be, info.converged).all()
+    assert not np.allclose(rel, absolute)
