@@ -73,6 +73,14 @@ class Broyden(Solver):
     def _opa_fires(self, k: Any) -> Any:
         return (k > 0) & (k % self.opa_freq == 0)
 
+    def _current(self, problem, state, written) -> LowRankInverse:
+        """``H`` before this step's update; eager backends skip the columns not yet written."""
+        U, V = state["U"], state["V"]
+        if not problem.backend.traced:
+            cols = self._offset() + min(int(written), self.m)
+            U, V = U[:, :cols], V[:, :cols]
+        return LowRankInverse(U, V, problem.xp)
+
     def _write(self, problem, state, index, u, v, active):
         slot = self._offset() + index % self.m
         state["U"] = write_row(problem, state["U"], slot, u, active)
@@ -114,7 +122,7 @@ class Broyden(Solver):
             written = k + xp.where(k > 0, (k - 1) // self.opa_freq, 0)
 
             def opa_update():
-                H = LowRankInverse(state["U"], state["V"], xp)
+                H = self._current(problem, state, written)
                 e = H.matvec(problem.flatten(self.opa(problem.unflatten(z))))
                 prev = -H.matvec(fz - z)  # the coming quasi-Newton step sets the scale
                 e = e * (bnorm(xp, prev) / (bnorm(xp, e) + problem.eps))[:, None]
@@ -124,14 +132,15 @@ class Broyden(Solver):
 
             state["U"], state["V"] = be.cond(fires, opa_update, lambda: (state["U"], state["V"]))
             written = written + xp.astype(fires, written.dtype)
-        H = LowRankInverse(state["U"], state["V"], xp)
+        H = self._current(problem, state, written)
         gz = fz - z
-        dz = -self.step_size * H.matvec(gz)
+        Hgz = H.matvec(gz)
+        dz = -self.step_size * Hgz
         z_new = z + dz
         fz_new = problem.F(z_new)
         g_new = fz_new - z_new
         if self.update == "good":
-            Hdg = H.matvec(g_new - gz)
+            Hdg = H.matvec(g_new) - Hgz  # linearity saves a pass over the buffers
             u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
             v = xp.where(ok[:, None], H.rmatvec(dz), 0.0)
         else:
