@@ -120,6 +120,10 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
             f"{', '.join(solver_names_with_inverse()) or 'none registered'}."
         )
     be = _resolve_backend(backend, z0, args)
+    if user_vjp is not None and not be.explicit_vjp:
+        raise ConfigurationError(
+            f"the {be.name!r} backend differentiates with its own autodiff: drop the vjp= option"
+        )
     problem = _build_problem(be, fn, z0, args, form, user_vjp)
     z0_flat = problem.flatten(z0)
 

@@ -29,6 +29,8 @@ class Backend(abc.ABC):
     #: Whether the loop primitive may be traced (``jit``): then no host-side checks happen
     #: inside the solve loop.
     traced: bool = False
+    #: True when VJPs come from the user (``vjp=``) instead of the framework's autodiff.
+    explicit_vjp: bool = False
 
     # ----------------------------------------------------------------- discovery
     @abc.abstractmethod

@@ -16,6 +16,8 @@ from ._problem import ROOT, Problem
 class ExplicitVJPBackend(Backend):
     """A backend whose VJPs are given explicitly by the user's ``vjp=`` function."""
 
+    explicit_vjp = True
+
     def _call_vjp(self, problem: Problem, z_tree: Any, v_flat: Any) -> tuple[Any, Any]:
         if problem.user_vjp is None:
             raise ConfigurationError(

@@ -10,7 +10,9 @@ import numpy as np
 import implicit_core as ic
 
 #: Every backend the tests run on; a new backend is tested by adding it here.
-BACKENDS = ["numpy", "cupy"]
+BACKENDS = ["numpy", "cupy", "torch"]
+#: Backends whose gradients come from the user's VJP (``info.vjp``) rather than autodiff.
+EXPLICIT_VJP = {"numpy", "cupy"}
 SOLVERS = ["fixed_point", "anderson", "broyden"]
 GRADIENTS = ["ift", "jfb", "phantom", "shine", "broyden_reuse"]
 
@@ -27,16 +29,42 @@ def backend_or_skip(name: str):
 
 @dataclass
 class Case:
-    """A batched problem ``z = f(z, args)`` with its hand-written VJP."""
+    """A batched problem ``z = f(z, args)``; ``vjp`` is its hand-written VJP where needed."""
 
     f: Callable
-    vjp: Callable
+    vjp: Callable | None
     args: Any
     z0: Any
     be: Any
 
+    def __post_init__(self):
+        if self.be.name not in EXPLICIT_VJP:
+            self.vjp = None
+            self.args = tuple(prepare_arg(self.be, a) for a in self.args)
+
     def to_host(self, x):
         return np.asarray(self.be.to_python(x))
+
+    def grad(self, z, info, w):
+        """``dL/dargs`` for ``L = sum(w * z)``, the way a user of this backend gets it."""
+        return gradient_of(self.be, z, info, w, self.args)
+
+
+def prepare_arg(be, a):
+    """Parameters that autodiff should track."""
+    if be.name == "torch":
+        return a.detach().clone().requires_grad_(True)
+    return a
+
+
+def gradient_of(be, z, info, w, args):
+    if be.name in EXPLICIT_VJP:
+        return info.vjp(w)
+    if be.name == "torch":
+        import torch
+
+        return torch.autograd.grad((z * w).sum(), args)
+    raise AssertionError(f"no gradient rule for backend {be.name}")
 
 
 def tanh_case(be, *, batch=5, n=8, norm=0.8, dtype="float64", seed=0, input_scale=1.0) -> Case:

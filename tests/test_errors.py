@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import implicit_core as ic
-from helpers import tanh_case
+from helpers import EXPLICIT_VJP, tanh_case
 
 
 def run(case, **kw):
@@ -55,13 +55,13 @@ def test_bad_states(be, case):
         (dict(z0=xp.asarray(0.0)), ic.ShapeError, "leading batch axis"),
         (dict(z0=xp.zeros((5, 8), dtype=xp.int64)), ic.DTypeError, "real floating"),
         (dict(z0=xp.zeros((5, 8), dtype=xp.complex128)), ic.DTypeError, "real floating"),
-        (dict(z0=xp.full((5, 8), float("nan"))), ic.NonFiniteError, "NaN or Inf"),
-        (dict(z0=(xp.zeros((5, 4)), xp.zeros((5, 4), dtype=xp.float32))), ic.DTypeError, "mix dtypes"),
-        (dict(z0=(xp.zeros((5, 4)), xp.zeros((3, 4)))), ic.ShapeError, "batch size"),
+        (dict(z0=xp.full((5, 8), float("nan"), dtype=z0.dtype)), ic.NonFiniteError, "NaN or Inf"),
+        (dict(z0=(xp.zeros((5, 4), dtype=xp.float64), xp.zeros((5, 4), dtype=xp.float32))), ic.DTypeError, "mix dtypes"),
+        (dict(z0=(xp.zeros((5, 4), dtype=z0.dtype), xp.zeros((3, 4), dtype=z0.dtype))), ic.ShapeError, "batch size"),
         (dict(z0=xp.zeros((5, 7), dtype=z0.dtype)), ic.UserFunctionError, "has shape\\(s\\) \\[\\(5, 7\\)\\]"),
         (dict(f=lambda z, a: case.f(z, a)[:, :7]), ic.ShapeError, "has shape \\(5, 7\\).*expected \\(5, 8\\)"),
         (dict(f=lambda z, a: case.f(z, a)[None]), ic.ShapeError, "map the state onto itself"),
-        (dict(f=lambda z, a: xp.astype(case.f(z, a), xp.float32)), ic.DTypeError, "dtype float32"),
+        (dict(f=lambda z, a: xp.astype(case.f(z, a), xp.float32)), ic.DTypeError, "dtype (torch.)?float32"),
         (dict(f=lambda z, a: (case.f(z, a), z)), ic.ShapeError, "structure"),
         (dict(f=lambda z, a: case.f(z, a).tolist()), ic.ShapeError, "structure|has shape"),
         (dict(args=(case.args[0], case.args[1] * float("inf"))), ic.NonFiniteError, "args contains"),
@@ -73,6 +73,10 @@ def test_bad_states(be, case):
 
 
 def test_vjp_missing_or_wrong(be, case):
+    if be.name not in EXPLICIT_VJP:
+        with pytest.raises(ic.ConfigurationError, match="autodiff|drop the vjp"):
+            run(case, vjp=lambda z, a, v: (v, a))
+        return
     z, info = run(case, vjp=None)  # forward alone needs no VJP
     w = be.xp.ones_like(z)
     with pytest.raises(ic.ConfigurationError, match="pass vjp=f_vjp"):
@@ -89,13 +93,19 @@ def test_vjp_missing_or_wrong(be, case):
 
 
 def test_mixed_array_libraries(be, case):
-    torch = pytest.importorskip("torch")
-    with pytest.raises(ic.BackendMismatchError):
-        run(case, args=(torch.zeros(8, 8), case.args[1]))
+    if be.name == "torch":
+        other = np.zeros((5, 2))
+    else:
+        torch = pytest.importorskip("torch")
+        other = torch.zeros(5, 2, dtype=torch.float64)
     with pytest.raises(ic.BackendMismatchError, match="one array library"):
-        run(case, args={"W": case.args[0], "extra": torch.zeros(2)})
-    with pytest.raises(ic.BackendMismatchError):
-        run(case, z0=(case.z0, torch.zeros(5, 2, dtype=torch.float64)))
+        run(case, args=(case.args[0], other))
+    with pytest.raises(ic.BackendMismatchError, match="one array library"):
+        run(case, args={"W": case.args[0], "extra": other})
+    with pytest.raises(ic.BackendMismatchError, match="several backends"):
+        run(case, z0=(case.z0, other))
+    with pytest.raises(ic.BackendMismatchError, match="but the backend is"):
+        run(case, z0=other, backend=be.name)
 
 
 def test_unavailable_backend_says_why():

@@ -20,13 +20,14 @@ def loss_weights(be, shape, seed=1):
 def solve_grad(case, w, *, solver="anderson", gradient="ift", tol=1e-12, max_iter=300, **kw):
     z, info = ic.fixed_point(case.f, case.z0, case.args, solver=solver, gradient=gradient, tol=tol,
                              max_iter=max_iter, vjp=case.vjp, **kw)
-    return z, info, info.vjp(w)
+    return z, info, case.grad(z, info, w)
 
 
 def finite_difference(case, w, which, h=1e-6):
     """Central differences of L = sum(w * z*) with respect to args[which]."""
     be = case.be
     base = [host(be, a).copy() for a in case.args]
+    dtype = case.z0.dtype
     grad = np.zeros_like(base[which])
     wh = host(be, w)
     for idx in np.ndindex(*base[which].shape):
@@ -34,7 +35,7 @@ def finite_difference(case, w, which, h=1e-6):
         for sign in (1, -1):
             args = [a.copy() for a in base]
             args[which][idx] += sign * h
-            z, _ = ic.fixed_point(case.f, case.z0, tuple(be.xp.asarray(a) for a in args),
+            z, _ = ic.fixed_point(case.f, case.z0, tuple(be.xp.asarray(a, dtype=dtype) for a in args),
                                   solver="anderson", tol=1e-14, max_iter=500)
             vals.append(np.sum(wh * host(be, z)))
         grad[idx] = (vals[0] - vals[1]) / (2 * h)
@@ -89,7 +90,8 @@ def test_linear_jfb_is_g_times_df_dargs(be):
     w = loss_weights(be, (4, 6))
     z, _, (gA, gb) = solve_grad(case, w, gradient="jfb")
     np.testing.assert_array_equal(host(be, gb), host(be, w))
-    np.testing.assert_allclose(host(be, gA), host(be, w).T @ host(be, z), rtol=0, atol=1e-15)
+    # Exact at the solver's z*; autodiff backends return F(z*), which differs by the residual.
+    np.testing.assert_allclose(host(be, gA), host(be, w).T @ host(be, z), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 8])
@@ -134,16 +136,16 @@ def test_shine_fallback_only_for_the_poor_samples(be):
     fallback = host(be, info.extras["fallback"])
     # Recompute what SHINE did by hand and check the per-sample rule.
     z, info2 = ic.fixed_point(case.f, case.z0, case.args, solver="broyden", gradient=ic.get_gradient("shine", fallback=None), tol=1e-10, vjp=case.vjp)
-    u_raw = host(be, info2.vjp(w)[1])  # d/dc of f is diag(s): recover u from v_c = u * (1 - y^2)
+    u_raw = host(be, case.grad(z, info2, w)[1])  # d/dc of f is diag(s): recover u from v_c = u * (1 - y^2)
     assert not host(be, info2.extras["fallback"]).any()
-    _, info3 = ic.fixed_point(case.f, case.z0, case.args, solver="broyden", gradient=ic.get_gradient("shine", fallback=1.0), tol=1e-10, vjp=case.vjp)
-    gc_fb = host(be, info3.vjp(w)[1])
+    z3, info3 = ic.fixed_point(case.f, case.z0, case.args, solver="broyden", gradient=ic.get_gradient("shine", fallback=1.0), tol=1e-10, vjp=case.vjp)
+    gc_fb = host(be, case.grad(z3, info3, w)[1])
     fb = host(be, info3.extras["fallback"])
     assert fb.any() and not fb.all(), "construct a mix of fallen-back and kept samples"
     np.testing.assert_array_equal(fb, fallback)
     np.testing.assert_allclose(gc_fb[~fb], u_raw[~fb], rtol=0, atol=1e-15)
-    _, info_jfb = ic.fixed_point(case.f, case.z0, case.args, solver="broyden", gradient="jfb", tol=1e-10, vjp=case.vjp)
-    gc_jfb = host(be, info_jfb.vjp(w)[1])
+    z_jfb, info_jfb = ic.fixed_point(case.f, case.z0, case.args, solver="broyden", gradient="jfb", tol=1e-10, vjp=case.vjp)
+    gc_jfb = host(be, case.grad(z_jfb, info_jfb, w)[1])
     np.testing.assert_allclose(gc_fb[fb], gc_jfb[fb], rtol=0, atol=1e-15)
 
 
@@ -205,7 +207,7 @@ def test_backward_non_convergence_is_reported(be):
     z, info = ic.fixed_point(case.f, case.z0, case.args, tol=1e-10, max_iter=200, vjp=case.vjp,
                              gradient=ic.get_gradient("ift", solver="fixed_point", max_iter=2), on_fail="raise")
     with pytest.raises(ic.ConvergenceError, match="backward"):
-        info.vjp(w)
+        case.grad(z, info, w)
     assert not host(be, info.backward.converged).any()
 
 
@@ -220,11 +222,12 @@ def test_root_form_gradients_equal_fixed_point_form(be, gradient):
         vz, va = case.vjp(z, a, v)
         return vz - v, va
 
+    g_vjp = g_vjp if case.vjp is not None else None
     ift = ic.get_gradient("ift", tol=1e-13, max_iter=300) if gradient == "ift" else gradient
     solver = ic.get_solver("broyden", update="adjoint")
-    _, info_fp = ic.fixed_point(case.f, case.z0, case.args, solver=solver, gradient=ift, tol=1e-12, max_iter=100, vjp=case.vjp)
-    _, info_root = ic.root(g, case.z0, case.args, solver=solver, gradient=ift, tol=1e-12, max_iter=100, vjp=g_vjp)
-    for a, b in zip(info_fp.vjp(w), info_root.vjp(w)):
+    z_fp, info_fp = ic.fixed_point(case.f, case.z0, case.args, solver=solver, gradient=ift, tol=1e-12, max_iter=100, vjp=case.vjp)
+    z_root, info_root = ic.root(g, case.z0, case.args, solver=solver, gradient=ift, tol=1e-12, max_iter=100, vjp=g_vjp)
+    for a, b in zip(case.grad(z_fp, info_fp, w), case.grad(z_root, info_root, w)):
         np.testing.assert_allclose(host(be, b), host(be, a), atol=1e-9)
 
 
