@@ -93,7 +93,8 @@ class TorchBackend(Backend):
         with torch.enable_grad():
             out = problem.F(z_in)
         if out.requires_grad:
-            out.register_hook(lambda g: backward(g))
+            # An undefined incoming gradient (None) stays undefined.
+            out.register_hook(lambda g: None if g is None else backward(g))
             return problem.unflatten(out), None
         return problem.unflatten(z_star), None
 
