@@ -53,10 +53,6 @@ class Backend(abc.ABC):
     def device(self, x: Any) -> Any:
         return array_api_compat.device(x)
 
-    def is_floating(self, x: Any) -> bool:
-        xp = self.xp
-        return xp.isdtype(x.dtype, "real floating")
-
     def stop_gradient(self, x: Any) -> Any:
         return x
 

@@ -24,7 +24,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
@@ -219,9 +219,9 @@ class Registry:
             )
         return entries[name].obj
 
-    def names(self, kind: str) -> list[str]:
+    def solvers_with_inverse(self) -> list[str]:
         self.ensure_loaded()
-        return sorted(self._entries[kind])
+        return sorted(n for n, e in self._entries["solver"].items() if e.obj.provides_inverse)
 
     def backends(self) -> list[Backend]:
         self.ensure_loaded()
@@ -313,9 +313,5 @@ def available_backends() -> list[str]:
 
 
 def solver_names_with_inverse() -> list[str]:
-    REGISTRY.ensure_loaded()
-    return sorted(n for n, e in REGISTRY._entries["solver"].items() if e.obj.provides_inverse)
-
-
-def iter_backends() -> Iterable[Backend]:
-    return REGISTRY.backends()
+    """Registered solvers that expose an inverse-Jacobian estimate (for error messages)."""
+    return REGISTRY.solvers_with_inverse()
