@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import array_api_compat
-from typing import Any, Callable
 
 from ._backend import Backend
 from ._errors import (

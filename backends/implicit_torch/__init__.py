@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import array_api_compat
 
-from implicit_core import Backend, ConfigurationError, hookimpl
+from implicit_core import Backend, hookimpl
 
 
 class TorchBackend(Backend):
@@ -53,10 +53,9 @@ class TorchBackend(Backend):
         return torch.no_grad()
 
     def _graph(self, problem, z: Any) -> tuple[Any, Any]:
+        """``F`` re-evaluated at a detached ``z`` with autograd recording."""
         import torch
 
-        if problem.user_vjp is not None:
-            raise ConfigurationError("the torch backend differentiates with autograd: drop the vjp= option")
         z_in = z.detach().requires_grad_(True)
         with torch.enable_grad():
             out = problem.F(z_in)
@@ -78,9 +77,8 @@ class TorchBackend(Backend):
 
         if not create_graph:
             return self.linearise(problem, z)(v)
-        z_in = z.detach().requires_grad_(True)
+        z_in, out = self._graph(problem, z)
         with torch.enable_grad():
-            out = problem.F(z_in)
             (jt,) = torch.autograd.grad(out, z_in, v, create_graph=True, allow_unused=True)
         return torch.zeros_like(v) if jt is None else jt
 
