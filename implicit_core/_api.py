@@ -112,13 +112,7 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
     if user_vjp is not None and not callable(user_vjp):
         raise ConfigurationError("vjp must be a callable vjp(z, args, v) -> (v_z, v_args)")
 
-    solver_obj, gradient_obj = _resolve_plugins(solver, gradient, options)
-    if gradient_obj.requires_inverse and not solver_obj.provides_inverse:
-        raise ConfigurationError(
-            f"gradient {gradient_obj.name!r} reuses the forward solver's inverse-Jacobian estimate, "
-            f"but solver {solver_obj.name!r} keeps none. Use one of: "
-            f"{', '.join(solver_names_with_inverse()) or 'none registered'}."
-        )
+    solver_obj, gradient_obj = resolve_plugins(solver, gradient, **options)
     be = _resolve_backend(backend, z0, args)
     if user_vjp is not None and not be.explicit_vjp:
         raise ConfigurationError(
@@ -137,8 +131,8 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
     if not be.traced:
         report(info, on_fail)
 
-    def backward(g_flat: Any) -> Any:
-        ctx = BackwardContext(problem, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail)
+    def backward(g_flat: Any, lin: Any = None) -> Any:
+        ctx = BackwardContext(problem, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail, _lin=lin)
         try:
             return gradient_obj.estimate(ctx)
         finally:  # also when the backward solve raised: info says what happened
@@ -161,8 +155,15 @@ def _check_stopping(tol: Any, max_iter: Any, stop_mode: Any) -> None:
         )
 
 
-def _resolve_plugins(solver: Any, gradient: Any, options: dict[str, Any]) -> tuple[Solver, GradientEstimator]:
-    """Instantiate named plugins, routing each remaining option to the one that accepts it."""
+def resolve_plugins(
+    solver: str | Solver = "anderson", gradient: str | GradientEstimator = "ift", **options: Any
+) -> tuple[Solver, GradientEstimator]:
+    """Instantiate a solver and a gradient estimator, routing each option to the one that takes it.
+
+    This is what :func:`fixed_point` does with its ``solver``, ``gradient`` and ``**options``;
+    call it once to validate a configuration up front (a layer's constructor) and pass the
+    returned instances on every call.
+    """
     targets = {}
     for kind, spec, base in (("solver", solver, Solver), ("gradient", gradient, GradientEstimator)):
         if isinstance(spec, str):
@@ -196,7 +197,14 @@ def _resolve_plugins(solver: Any, gradient: Any, options: dict[str, Any]) -> tup
     for kind in ("solver", "gradient"):
         spec = targets[kind][0]
         out.append(_instantiate(kind, spec, routed[kind]) if isinstance(spec, str) else spec)
-    return out[0], out[1]
+    solver_obj, gradient_obj = out
+    if gradient_obj.requires_inverse and not solver_obj.provides_inverse:
+        raise ConfigurationError(
+            f"gradient {gradient_obj.name!r} reuses the forward solver's inverse-Jacobian estimate, "
+            f"but solver {solver_obj.name!r} keeps none. Use one of: "
+            f"{', '.join(solver_names_with_inverse()) or 'none registered'}."
+        )
+    return solver_obj, gradient_obj
 
 
 def _owner(leaf: Any, backends: list[Backend]) -> Backend | None:

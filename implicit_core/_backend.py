@@ -138,8 +138,9 @@ class Backend(abc.ABC):
     def attach(self, problem: Any, z_star: Any, backward: Callable[[Any], Any]) -> tuple[Any, Any]:
         """Connect the solution to the framework's autodiff.
 
-        ``backward(g_flat) -> u_flat`` maps the incoming cotangent ``dL/dz*`` to the vector ``u``
-        whose VJP through ``F(z*, args)`` gives the parameter gradients. Returns the
+        ``backward(g_flat, lin=None) -> u_flat`` maps the incoming cotangent ``dL/dz*`` to the
+        vector ``u`` whose VJP through ``F(z*, args)`` gives the parameter gradients; ``lin``
+        is an optional ready-made ``v -> J^T v`` at ``z*`` (otherwise :meth:`linearise` builds it). Returns the
         user-facing solution (state structure) and an optional ``vjp(g) -> dL/dargs`` callable
         for backends without autodiff (``None`` otherwise).
         """

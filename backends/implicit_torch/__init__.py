@@ -5,6 +5,8 @@ returned as one more evaluation ``F(z*)`` recorded by autograd, with a hook on i
 swaps the incoming ``dL/dz*`` for the estimator's ``u``: autograd then carries ``u^T dF/dθ`` to
 every tensor ``F`` depends on — ``args`` and parameters captured in closures (an
 ``nn.Module``'s weights) alike.
+
+``from implicit_torch import DEQ`` gives the layer as an ``nn.Module``.
 """
 
 from __future__ import annotations
@@ -87,16 +89,55 @@ class TorchBackend(Backend):
 
         if not torch.is_grad_enabled():
             return problem.unflatten(z_star), None
-        z_in = z_star.detach()
+        # One graph of F at z*, recorded now: the outer backward runs through it to the
+        # parameters, and the estimator's J^T v products reuse it. Recording it at forward
+        # time keeps the backward consistent with the parameters of this call (e.g. under
+        # torch.func.functional_call) and saves re-evaluating F in the backward.
+        z_in = z_star.detach().requires_grad_(True)
         with torch.enable_grad():
             out = problem.F(z_in)
-        if out.requires_grad:
-            # An undefined incoming gradient (None) stays undefined.
-            out.register_hook(lambda g: None if g is None else backward(g))
-            return problem.unflatten(out), None
-        return problem.unflatten(z_star), None
+        if not _reaches_other_leaves(out, z_in):
+            return problem.unflatten(z_star), None
+
+        def JT(v: Any) -> Any:
+            (jt,) = torch.autograd.grad(out, z_in, v, retain_graph=True)
+            return jt
+
+        # The hook sits on an alias of ``out``, so that JT's own passes through ``out`` do not
+        # trigger it. An undefined incoming gradient (None) stays undefined.
+        result = out.view_as(out)
+        result.register_hook(lambda g: None if g is None else backward(g, JT))
+        return problem.unflatten(result), None
+
+
+def _reaches_other_leaves(out: Any, z_in: Any) -> bool:
+    """Whether ``out``'s graph leads to any tensor requiring grad other than ``z_in``."""
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None and variable is not z_in:
+            return True
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
 
 
 @hookimpl
 def implicit_core_backends(register):
     register(TorchBackend)
+
+
+def __getattr__(name: str) -> Any:
+    # ``DEQ`` subclasses torch.nn.Module: import torch only when it is asked for, so that the
+    # backend registers (and reports why it is unavailable) on machines without torch.
+    if name == "DEQ":
+        from .module import DEQ
+
+        return DEQ
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["TorchBackend", "DEQ"]

@@ -1,0 +1,142 @@
+"""``DEQ``: an implicit layer as a ``torch.nn.Module``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+import implicit_core as ic
+from implicit_core import ConfigurationError, GradientEstimator, SolveInfo, Solver
+
+#: ``fixed_point`` options that are not solver/estimator options.
+_CALL_OPTIONS = ("trace", "divergence")
+
+
+class DEQ(torch.nn.Module):
+    """A deep equilibrium layer: ``forward(x)`` returns ``z*`` with ``z* = cell(z*, x)``.
+
+    The forward pass solves the fixed point per sample without recording a graph; the
+    backward pass applies the chosen gradient estimator (``ift``: ``u = g + J^T u``, then
+    ``dL/dθ = u^T ∂cell/∂θ``), so gradients reach ``x`` and every parameter of ``cell``.
+
+    Args:
+        cell: ``cell(z, x) -> z``; an ``nn.Module`` is registered as a submodule, so its
+            parameters belong to this layer. ``z`` may be a tensor or a tuple of tensors.
+        solver, gradient: registered names or instances (see ``implicit-core plugins``).
+        tol, max_iter, stop_mode, on_fail: the stopping rule and what a failed sample does.
+        state_shape: per-sample shape of ``z`` (a tuple, or a tuple of tuples for tuple
+            states); with it, ``z0`` defaults to zeros. Without it (and without ``init``) the
+            default ``z0`` is ``zeros_like(x)``.
+        init: ``init(x) -> z0``, a learned or custom initial state (overrides ``state_shape``).
+        jac_reg: when ``True``, a training-mode forward also computes ``self.jac_loss``, the
+            Hutchinson estimate of ``||∂cell/∂z||_F^2 / n`` at ``z*`` averaged over the batch
+            (Bai et al., 2021), differentiable w.r.t. the parameters: add
+            ``gamma * deq.jac_loss`` to the loss.
+        **options: solver/estimator options (``m=5``, ``k=5``, ...) and ``trace``/``divergence``.
+
+    After each call ``self.info`` holds the :class:`implicit_core.SolveInfo` (per-sample steps,
+    residuals, which samples failed; ``info.backward`` after ``backward()``).
+
+    Gradients are available in ``.eval()`` as in ``.train()``: the mode changes nothing
+    about the solve. Under ``torch.no_grad()`` only the forward solve runs.
+    """
+
+    info: SolveInfo | None
+    jac_loss: torch.Tensor | None
+
+    def __init__(
+        self,
+        cell: Callable[[Any, torch.Tensor], Any],
+        *,
+        solver: str | Solver = "anderson",
+        gradient: str | GradientEstimator = "ift",
+        tol: float = 1e-4,
+        max_iter: int = 50,
+        stop_mode: str = "abs",
+        on_fail: str = "warn",
+        state_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        init: Callable[[torch.Tensor], Any] | None = None,
+        jac_reg: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        if not callable(cell):
+            raise ConfigurationError(f"cell must be callable cell(z, x) -> z, got {type(cell).__name__}")
+        if init is not None and not callable(init):
+            raise ConfigurationError("init must be a callable init(x) -> z0")
+        self.cell = cell
+        self.init = init
+        self.state_shape = _normalise_shape(state_shape)
+        self.call_options = {k: options.pop(k) for k in _CALL_OPTIONS if k in options}
+        self.solver, self.gradient = ic.resolve_plugins(solver, gradient, **options)
+        self.tol, self.max_iter, self.stop_mode, self.on_fail = tol, max_iter, stop_mode, on_fail
+        self.jac_reg = bool(jac_reg)
+        self.info = None
+        self.jac_loss = None
+
+    def _f(self, z: Any, x: torch.Tensor) -> Any:
+        return self.cell(z, x)
+
+    def initial_state(self, x: torch.Tensor) -> Any:
+        """``z0`` for input ``x`` when ``forward`` is not given one."""
+        if self.init is not None:
+            return self.init(x)
+        if self.state_shape is None:
+            return torch.zeros_like(x)
+        batch = x.shape[0]
+        if isinstance(self.state_shape[0], tuple):
+            return tuple(x.new_zeros((batch, *s)) for s in self.state_shape)
+        return x.new_zeros((batch, *self.state_shape))
+
+    def forward(self, x: torch.Tensor, z0: Any = None) -> Any:
+        if z0 is None:
+            z0 = self.initial_state(x)
+        z, self.info = ic.fixed_point(
+            self._f, z0, x, solver=self.solver, gradient=self.gradient, tol=self.tol,
+            max_iter=self.max_iter, stop_mode=self.stop_mode, on_fail=self.on_fail, **self.call_options,
+        )
+        self.jac_loss = None
+        if self.jac_reg and self.training and torch.is_grad_enabled():
+            seed = int(torch.randint(0, 2**31 - 1, ()))  # follows torch.manual_seed
+            self.jac_loss = ic.jacobian_regularisation(self._f, z, x, seed=seed).mean()
+        return z
+
+    def spectral_radius(self, x: torch.Tensor, z: Any = None, n_iter: int = 30) -> torch.Tensor:
+        """Power-iteration estimate of ``ρ(∂cell/∂z)`` per sample at ``z`` (default: ``z*`` for ``x``).
+
+        Values near or above 1 explain slow or failed solves; the forward's ``info`` shows
+        the consequence, this shows the cause.
+        """
+        if z is None:
+            last = self.info
+            with torch.no_grad():
+                z = self.forward(x)
+            self.info = last
+        return ic.spectral_radius(self._f, z, x, n_iter=n_iter)
+
+    def extra_repr(self) -> str:
+        return (
+            f"solver={self.solver.name!r}, gradient={self.gradient.name!r}, tol={self.tol}, "
+            f"max_iter={self.max_iter}, stop_mode={self.stop_mode!r}, on_fail={self.on_fail!r}"
+        )
+
+
+def _normalise_shape(shape: Any) -> tuple | None:
+    if shape is None:
+        return None
+    if isinstance(shape, int):
+        return (shape,)
+    try:
+        items = tuple(shape)
+    except TypeError:
+        items = None
+    if items and all(isinstance(s, int) and s > 0 for s in items):
+        return items
+    if items and all(
+        isinstance(s, (tuple, list)) and s and all(isinstance(d, int) and d > 0 for d in s) for s in items
+    ):
+        return tuple(tuple(s) for s in items)
+    raise ConfigurationError(
+        f"state_shape must be a per-sample shape like (64,) or, for tuple states, ((64,), (8, 8)); got {shape!r}"
+    )
