@@ -46,7 +46,7 @@ class Case:
         return np.asarray(self.be.to_python(x))
 
     def grad(self, z, info, w):
-        """``dL/dargs`` for ``L = sum(w * z)``, the way a user of this backend gets it."""
+        """``dL/dargs`` for ``L = sum(w * z)`` (summed over leaves of a tuple state), the way a user of this backend gets it."""
         return gradient_of(self.be, z, info, w, self.args)
 
 
@@ -63,7 +63,8 @@ def gradient_of(be, z, info, w, args):
     if be.name == "torch":
         import torch
 
-        return torch.autograd.grad((z * w).sum(), args)
+        pairs = zip(z, w) if isinstance(z, tuple) else [(z, w)]
+        return torch.autograd.grad(sum((zi * wi).sum() for zi, wi in pairs), args)
     raise AssertionError(f"no gradient rule for backend {be.name}")
 
 

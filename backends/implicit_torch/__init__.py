@@ -1,10 +1,10 @@
 """The PyTorch backend: VJPs by ``torch.autograd``, gradients delivered through a hook.
 
-The forward solve runs under ``torch.no_grad()`` (no graph across iterations). The solution is
-returned as one more evaluation ``F(z*)`` recorded by autograd, with a hook on its output that
-swaps the incoming ``dL/dz*`` for the estimator's ``u``: autograd then carries ``u^T dF/dθ`` to
-every tensor ``F`` depends on — ``args`` and parameters captured in closures (an
-``nn.Module``'s weights) alike.
+The forward solve runs under ``torch.no_grad()`` (no graph across iterations). One more
+evaluation ``F(z*)`` is recorded by autograd; the solution carries the value ``z*`` and that
+evaluation's graph, with a hook that swaps the incoming ``dL/dz*`` for the estimator's ``u``:
+autograd then carries ``u^T dF/dθ`` to every tensor ``F`` depends on — ``args`` and
+parameters captured in closures (an ``nn.Module``'s weights) alike.
 
 ``from implicit_torch import DEQ`` gives the layer as an ``nn.Module``.
 """
@@ -103,9 +103,10 @@ class TorchBackend(Backend):
             (jt,) = torch.autograd.grad(out, z_in, v, retain_graph=True)
             return jt
 
-        # The hook sits on an alias of ``out``, so that JT's own passes through ``out`` do not
-        # trigger it. An undefined incoming gradient (None) stays undefined.
-        result = out.view_as(out)
+        # The value is exactly z* (as on every backend); the gradient flows through ``out``.
+        # The hook sits on ``result``, so JT's own passes through ``out`` do not trigger it.
+        # An undefined incoming gradient (None) stays undefined.
+        result = z_in.detach() + (out - out.detach())
         result.register_hook(lambda g: None if g is None else backward(g, JT))
         return problem.unflatten(result), None
 
