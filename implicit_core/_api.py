@@ -128,6 +128,8 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         )
     info = result.info
     info.gradient = gradient_obj.name
+    if not gradient_obj.requires_inverse:
+        result.state = {}  # histories are dead weight until the backward pass: free them now
     if not be.traced:
         report(info, on_fail)
 
@@ -293,7 +295,7 @@ def _build_problem(be: Backend, fn: Callable, z0: Any, args: Any, form: str, use
         if not xp.isdtype(leaf.dtype, "real floating"):
             raise DTypeError(
                 f"state leaf {i} of z0 has dtype {leaf.dtype}: the state must be real floating point "
-                "(float32 or float64); cast it, e.g. z0.astype(float64)"
+                "(float16/bfloat16 states are solved in float32 arithmetic); cast it, e.g. z0.astype(float32)"
             )
         if leaf.dtype != dtype:
             raise DTypeError(
@@ -321,5 +323,10 @@ def _build_problem(be: Backend, fn: Callable, z0: Any, args: Any, form: str, use
         batch=batch,
         dtype=dtype,
         device=device,
+        # Half-precision states (float16, bfloat16): the function runs in the state's dtype,
+        # the solver's arithmetic (residuals, Anderson's least squares, Broyden's secants) in
+        # float32, where those small systems and differences of nearly equal residuals stay
+        # meaningful.
+        solve_dtype=xp.float32 if xp.finfo(dtype).bits < 32 else dtype,
     )
     return Problem(backend=be, layout=layout, fn=fn, args=args, form=form, user_vjp=user_vjp)

@@ -76,7 +76,9 @@ class GradientEstimator(_Configurable, abc.ABC):
     The exact answer solves ``u = g + J^T u`` with ``J = dF/dz`` at ``z*``.
     """
 
-    #: True when the estimator reads the forward solver's inverse-Jacobian estimate.
+    #: True when the estimator reads the forward solver's inverse-Jacobian estimate
+    #: (``ctx.inverse()``). Otherwise the forward solver's state (e.g. Broyden's buffers) is
+    #: released right after the forward solve instead of being kept until the backward pass.
     requires_inverse: ClassVar[bool] = False
 
     @abc.abstractmethod

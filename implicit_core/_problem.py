@@ -26,8 +26,13 @@ class Layout:
     shapes: list[tuple[int, ...]]  # per leaf, batch axis excluded
     sizes: list[int]
     batch: int
-    dtype: Any
+    dtype: Any  # the state's dtype, which the user's function sees
     device: Any
+    solve_dtype: Any = None  # the solver's arithmetic: float32 for 16-bit states, else dtype
+
+    def __post_init__(self) -> None:
+        if self.solve_dtype is None:
+            self.solve_dtype = self.dtype
 
     @property
     def n(self) -> int:
@@ -66,18 +71,24 @@ class Problem:
     def eps(self) -> float:
         """Guard for relative residuals and divisions, scaled to the dtype."""
         xp = self.xp
-        return float(xp.finfo(self.layout.dtype).eps) ** 2 * 1e4 if self.layout.dtype is not None else 1e-12
+        return float(xp.finfo(self.layout.solve_dtype).eps) ** 2 * 1e4 if self.layout.dtype is not None else 1e-12
 
     # ----------------------------------------------------------------- structure
     def flatten(self, tree: Any) -> Any:
+        """State structure -> ``(batch, n)`` in the solver's dtype."""
         leaves, _ = self.backend.tree_flatten(tree)
-        xp, b = self.xp, self.layout.batch
+        xp, lay = self.xp, self.layout
         if len(leaves) == 1:
-            return xp.reshape(leaves[0], (b, -1))
-        return xp.concat([xp.reshape(leaf, (b, -1)) for leaf in leaves], axis=1)
+            flat = xp.reshape(leaves[0], (lay.batch, -1))
+        else:
+            flat = xp.concat([xp.reshape(leaf, (lay.batch, -1)) for leaf in leaves], axis=1)
+        return flat if flat.dtype == lay.solve_dtype else xp.astype(flat, lay.solve_dtype)
 
     def unflatten(self, flat: Any) -> Any:
+        """``(batch, n)`` -> state structure in the state's dtype."""
         xp, lay = self.xp, self.layout
+        if flat.dtype != lay.dtype:
+            flat = xp.astype(flat, lay.dtype)
         leaves, start = [], 0
         for shape, size in zip(lay.shapes, lay.sizes):
             part = flat if len(lay.sizes) == 1 else flat[:, start : start + size]

@@ -26,6 +26,31 @@ def test_linear_map_reaches_closed_form(be, solver):
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
+def test_half_precision_state_is_solved_in_float32(be, solver):
+    """A float16 state: the function runs in float16, the solver's arithmetic in float32."""
+    xp = be.xp
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((8, 8))
+    A *= 0.7 / np.linalg.norm(A, 2)
+    b = rng.standard_normal((4, 8))
+    seen = []
+
+    def f(z, args):
+        seen.append(z.dtype)
+        A16, b16 = args
+        return xp.tanh(z @ A16.T + b16)
+
+    args16 = (xp.asarray(A.astype(np.float16)), xp.asarray(b.astype(np.float16)))
+    z, info = ic.fixed_point(f, xp.zeros((4, 8), dtype=xp.float16), args16, solver=solver, tol=1e-2,
+                             stop_mode="rel")
+    assert z.dtype == xp.float16 and all(d == xp.float16 for d in seen)
+    assert info.residual.dtype == xp.float32 and bool(xp.all(info.converged))
+    z64, _ = ic.fixed_point(lambda z, a: xp.tanh(z @ a[0].T + a[1]), xp.zeros((4, 8), dtype=xp.float64),
+                            (xp.asarray(A), xp.asarray(b)), tol=1e-12, max_iter=200)
+    np.testing.assert_allclose(np.asarray(be.to_python(z), dtype=np.float64), be.to_python(z64), atol=2e-2)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_tuple_state_of_different_shapes(be, solver):
     case = tuple_case(be)
     (a, b), info = ic.fixed_point(case.f, case.z0, case.args, solver=solver, tol=1e-9, max_iter=200)

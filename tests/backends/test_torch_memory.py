@@ -1,0 +1,64 @@
+"""A training step's peak memory does not grow with the number of solver iterations.
+
+CPU: :class:`implicit_torch.memory.PeakMemory` counts every tensor storage created inside the
+step from its allocation to its release (forward, saved-for-backward and backward tensors).
+CUDA: ``torch.cuda.max_memory_allocated``.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from implicit_torch import DEQ  # noqa: E402
+from implicit_torch.memory import PeakMemory  # noqa: E402
+
+N, D, BATCH = 64, 32, 128
+PAIRS = [(s, g) for s in ("fixed_point", "anderson", "broyden") for g in ("ift", "jfb", "phantom")]
+PAIRS += [("broyden", "shine"), ("broyden", "broyden_reuse")]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])]
+
+
+class Cell(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.inj = torch.nn.Linear(N, N), torch.nn.Linear(D, N)
+        with torch.no_grad():
+            self.lin.weight *= 0.9 / torch.linalg.matrix_norm(self.lin.weight, 2)
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + self.inj(x))
+
+
+def _training_step_peak(solver, gradient, iterations, device):
+    # tol below reach: samples run `iterations` steps (unless one hits a residual of exactly 0)
+    deq = DEQ(Cell(), solver=solver, gradient=gradient, tol=1e-30, max_iter=iterations, on_fail="ignore",
+              state_shape=(N,)).to(device)
+    x = torch.randn(BATCH, D, generator=torch.Generator().manual_seed(1)).to(device)
+    with PeakMemory(device) as memory:
+        deq(x).square().mean().backward()
+    assert int(deq.info.steps.max()) == iterations
+    return memory.peak
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver,gradient", PAIRS)
+def test_peak_memory_does_not_grow_with_iterations(solver, gradient, device):
+    few, many = (_training_step_peak(solver, gradient, k, device) for k in (10, 100))
+    assert many <= 1.10 * few, f"peak {few} B at 10 iterations, {many} B at 100"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_meter_sees_a_graph_kept_across_iterations(device):
+    """Control: unrolled (backprop-through-the-solver) iterations do grow, and are counted."""
+    cell = Cell().to(device)
+    x = torch.randn(BATCH, D).to(device)
+    peaks = []
+    for iterations in (10, 100):
+        with PeakMemory(device) as memory:
+            z = torch.zeros(BATCH, N, device=device)
+            for _ in range(iterations):
+                z = cell(z, x)
+            z.square().mean().backward()
+        peaks.append(memory.peak)
+    assert peaks[1] > 5 * peaks[0]
