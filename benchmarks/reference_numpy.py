@@ -16,22 +16,13 @@ import time
 import numpy as np
 
 import implicit_core as ic
+from _reference import reference_arrays
 
 
-def reference_problem(dtype=np.float32, n=256, batch=512, seed=0):
-    rng = np.random.default_rng(seed)
-    try:
-        from sklearn.datasets import load_digits
-
-        X = load_digits().data[:batch] / 16.0
-    except ImportError:  # scikit-learn is only needed for the real features
-        X = rng.random((batch, 64))
-    W = rng.standard_normal((n, n))
-    W *= 0.9 / np.linalg.norm(W, 2)
-    U = rng.standard_normal((n, X.shape[1])) / np.sqrt(X.shape[1])
-    b = 0.1 * rng.standard_normal(n)
-    inj = X @ U.T + b
-    return W.astype(dtype), inj.astype(dtype)
+def reference_problem(dtype=np.float32):
+    ref = reference_arrays()
+    inj = ref["X"] @ ref["U"].T + ref["b"]
+    return ref["W"].astype(dtype), inj.astype(dtype)
 
 
 def f(z, args):

@@ -61,6 +61,16 @@ class Backend(abc.ABC):
         buffer[index] = value
         return buffer
 
+    def all_on_host(self, mask: Any) -> bool:
+        """``True`` if every entry of the boolean ``mask`` is true *and* that is cheap to know.
+
+        Eager CPU backends answer exactly, which lets the solve loop skip per-sample masking
+        (``where`` over whole states) when no sample is frozen. Traced backends, and device
+        arrays where reading a flag would stall the device queue, answer ``False``: the
+        masked path is always correct, only slower.
+        """
+        return False if self.traced else bool(self.xp.all(mask))
+
     def to_python(self, x: Any) -> Any:
         """A host-side Python scalar / nested list (for messages and summaries only)."""
         return x.tolist() if hasattr(x, "tolist") else x

@@ -91,11 +91,11 @@ def solve(
             status = xp.where(accept & (res > divergence * scale), DIVERGED, status)
         out = {
             # A non-finite step is not kept: the sample stays on its last finite state.
-            "state": select(xp, accept, new, c["state"]),
+            "state": new if backend.all_on_host(accept) else select(xp, accept, new, c["state"]),
             "k": c["k"] + 1,
             "status": xp.astype(status, int_dtype),
             "steps": c["steps"] + xp.astype(active, int_dtype),
-            "best_z": select(xp, better, new["z"], c["best_z"]),
+            "best_z": new["z"] if backend.all_on_host(better) else select(xp, better, new["z"], c["best_z"]),
             "best_res": xp.where(better, res, c["best_res"]),
             "best_abs": xp.where(better, res_abs, c["best_abs"]),
             "best_rel": xp.where(better, res_rel, c["best_rel"]),

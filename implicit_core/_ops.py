@@ -37,11 +37,22 @@ def safe_divide(xp: Any, num: Any, den: Any, eps: float) -> tuple[Any, Any]:
     ok = xp.isfinite(den) & (xp.abs(den) > eps)
     safe_den = xp.where(ok, den, xp.ones_like(den))
     q = num / expand_mask(xp, safe_den, num) if num.ndim > den.ndim else num / safe_den
-    zero = xp.zeros_like(q)
-    return xp.where(expand_mask(xp, ok, q), q, zero), ok
+    return xp.where(expand_mask(xp, ok, q), q, 0.0), ok
 
 
 def finite_rows(xp: Any, a: Any) -> Any:
     """Per-sample: are all entries of the ``(batch, ...)`` array finite?"""
     flat = xp.reshape(a, (a.shape[0], -1))
     return xp.all(xp.isfinite(flat), axis=-1)
+
+
+def solve_small(xp: Any, A: Any, b: Any) -> Any:
+    """Batched ``A x = b`` for small systems; NaN where the library refuses a singular system.
+
+    NumPy and torch raise on an exactly singular matrix anywhere in the batch, JAX returns
+    non-finite values: both end up as non-finite rows that the caller replaces per sample.
+    """
+    try:
+        return xp.linalg.solve(A, b)
+    except Exception:  # numpy.linalg.LinAlgError, torch.linalg.LinAlgError, ...
+        return xp.full_like(b, float("nan"))

@@ -101,9 +101,13 @@ def check_range(owner: str, key: str, value: Any, low: float, high: float, *, lo
     return float(value)
 
 
-def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: Any) -> Any:
-    """``buffer[:, slot] = value`` for active samples only (in place where the backend allows)."""
+def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: Any, axis: int = 1) -> Any:
+    """``buffer[:, slot] = value`` (``slot`` on ``axis``) for active samples only, in place where
+    the backend allows."""
     xp = problem.xp
-    old = buffer[:, slot]
+    index = (slice(None),) * axis + (slot,)
+    if problem.backend.all_on_host(active):
+        return problem.backend.at_set(buffer, index, value)
+    old = buffer[index]
     mask = xp.reshape(active, (active.shape[0],) + (1,) * (value.ndim - 1))
-    return problem.backend.at_set(buffer, (slice(None), slot), xp.where(mask, value, old))
+    return problem.backend.at_set(buffer, index, xp.where(mask, value, old))

@@ -46,6 +46,9 @@ class CupyBackend(ExplicitVJPBackend):
     def to_python(self, x: Any) -> Any:
         return x.get().tolist() if hasattr(x, "get") else x
 
+    def all_on_host(self, mask: Any) -> bool:
+        return False  # reading a device flag would stall the queue: always mask
+
 
 @hookimpl
 def implicit_core_backends(register):

@@ -37,6 +37,10 @@ class TorchBackend(Backend):
 
         return xp_torch
 
+    def all_on_host(self, mask: Any) -> bool:
+        # On CUDA, reading the flag would synchronise the device: take the masked path.
+        return mask.device.type == "cpu" and bool(mask.all())
+
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
 

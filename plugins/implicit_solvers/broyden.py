@@ -86,8 +86,8 @@ class Broyden(Solver):
         state["U"] = write_row(problem, state["U"], slot, u, active)
         state["V"] = write_row(problem, state["V"], slot, v, active)
 
-    def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any) -> tuple[Any, Any]:
-        """Rank-one terms making ``H_+^T J_g(z)^T s = s``."""
+    def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None) -> tuple[Any, Any]:
+        """Rank-one terms making ``H_+^T J_g(z)^T s = s`` (``Hs``: ``H s`` if already known)."""
         xp = problem.xp
         if problem.flat_fn is not None:
             raise ConfigurationError(
@@ -97,7 +97,7 @@ class Broyden(Solver):
         y = problem.backend.vjp_at(problem, z, s) - s  # J_g^T s with g = F - I
         b = H.rmatvec(y)
         v, ok = safe_divide(xp, s - b, bdot(xp, b, s), problem.eps)
-        u = xp.where(ok[:, None], H.matvec(s), 0.0)
+        u = xp.where(ok[:, None], H.matvec(s) if Hs is None else Hs, 0.0)
         return u, v
 
     # ----------------------------------------------------------------- solver
@@ -105,12 +105,17 @@ class Broyden(Solver):
         xp, be = problem.xp, problem.backend
         batch, n = z0.shape
         shape = (batch, self.m, n)
+        # Zeros, not uninitialised memory: a sample that stops early never writes its later
+        # columns, and the inverse estimate handed to SHINE reads every column.
         U = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
         V = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
         if self.initial_inverse is not None:
             U = xp.concat([self.initial_inverse.U, U], axis=1)
             V = xp.concat([self.initial_inverse.V, V], axis=1)
-        return {"z": z0, "fz": problem.F(z0), "U": U, "V": V}
+        fz = problem.F(z0)
+        state = {"z": z0, "fz": fz, "U": U, "V": V}
+        state["Hg"] = self._current(problem, state, 0).matvec(fz - z0)
+        return state
 
     def step(self, problem, state, k, active) -> dict[str, Any]:
         xp, be = problem.xp, problem.backend
@@ -133,20 +138,23 @@ class Broyden(Solver):
             state["U"], state["V"] = be.cond(fires, opa_update, lambda: (state["U"], state["V"]))
             written = written + xp.astype(fires, written.dtype)
         H = self._current(problem, state, written)
-        gz = fz - z
-        Hgz = H.matvec(gz)
+        # H g(z) is carried from the previous step (updated for its rank-one term below);
+        # after an OPA update it is recomputed.
+        Hgz = state["Hg"] if self.opa is None else H.matvec(fz - z)
         dz = -self.step_size * Hgz
         z_new = z + dz
         fz_new = problem.F(z_new)
         g_new = fz_new - z_new
+        Hg_new = H.matvec(g_new)
         if self.update == "good":
-            Hdg = H.matvec(g_new) - Hgz  # linearity saves a pass over the buffers
+            Hdg = Hg_new - Hgz  # linearity saves a pass over the buffers
             u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
             v = xp.where(ok[:, None], H.rmatvec(dz), 0.0)
         else:
-            u, v = self._adjoint_terms(problem, H, z_new, g_new)
+            u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new)
         self._write(problem, state, written, u, v, active)
-        state.update(z=z_new, fz=fz_new)
+        # (H + u v^T) g_new, without another pass over the buffers
+        state.update(z=z_new, fz=fz_new, Hg=Hg_new + u * bdot(xp, v, g_new)[:, None])
         return state
 
     def inverse_jacobian(self, problem, state) -> LowRankInverse:

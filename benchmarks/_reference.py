@@ -1,0 +1,34 @@
+"""The reference work every benchmark runs: ``f(z, x) = tanh(W z + U x + b)``.
+
+n = 256, batch 512, inputs = scikit-learn's digits features (scaled to [0, 1]),
+||W||_2 = 0.9, float32, tol 1e-4, max 40 iterations. Arrays are generated here once, in
+float64 NumPy, so that every framework solves the very same problem.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+N, BATCH, TOL, MAX_ITER = 256, 512, 1e-4, 40
+
+
+def reference_arrays(n: int = N, batch: int = BATCH, seed: int = 0) -> dict[str, np.ndarray]:
+    """``X`` (batch, 64), ``W`` (n, n), ``U`` (n, 64), ``b`` (n,), and a loss weight ``w`` (batch, n)."""
+    rng = np.random.default_rng(seed)
+    try:
+        from sklearn.datasets import load_digits
+
+        X = load_digits().data[:batch] / 16.0
+    except ImportError:  # scikit-learn is only needed for the real features
+        X = rng.random((batch, 64))
+    W = rng.standard_normal((n, n))
+    W *= 0.9 / np.linalg.norm(W, 2)
+    U = rng.standard_normal((n, X.shape[1])) / np.sqrt(X.shape[1])
+    b = 0.1 * rng.standard_normal(n)
+    w = np.random.default_rng(seed + 1).standard_normal((batch, n))
+    return {"X": X, "W": W, "U": U, "b": b, "w": w}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
