@@ -141,7 +141,7 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
             info.backward = ctx.backward_info
             info.extras.update(ctx.extras)
 
-    z_out, info.vjp = be.attach(problem, result.z, backward)
+    z_out, info.vjp = be.attach(problem, result.z, backward, with_jacobian=gradient_obj.uses_jacobian)
     return z_out, info
 
 

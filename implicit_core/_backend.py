@@ -145,12 +145,16 @@ class Backend(abc.ABC):
         return self.linearise(problem, z)(v)
 
     @abc.abstractmethod
-    def attach(self, problem: Any, z_star: Any, backward: Callable[[Any], Any]) -> tuple[Any, Any]:
+    def attach(
+        self, problem: Any, z_star: Any, backward: Callable[..., Any], with_jacobian: bool = True
+    ) -> tuple[Any, Any]:
         """Connect the solution to the framework's autodiff.
 
         ``backward(g_flat, lin=None) -> u_flat`` maps the incoming cotangent ``dL/dz*`` to the
         vector ``u`` whose VJP through ``F(z*, args)`` gives the parameter gradients; ``lin``
-        is an optional ready-made ``v -> J^T v`` at ``z*`` (otherwise :meth:`linearise` builds it). Returns the
+        is an optional ready-made ``v -> J^T v`` at ``z*`` (otherwise :meth:`linearise` builds it).
+        ``with_jacobian=False`` says the estimator will not ask for ``J^T v`` (JFB): a backend
+        may then skip recording what those products need. Returns the
         user-facing solution (state structure) and an optional ``vjp(g) -> dL/dargs`` callable
         for backends without autodiff (``None`` otherwise).
         """

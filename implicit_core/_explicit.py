@@ -41,7 +41,9 @@ class ExplicitVJPBackend(Backend):
 
         return JT
 
-    def attach(self, problem: Problem, z_star: Any, backward: Callable[[Any], Any]) -> tuple[Any, Any]:
+    def attach(
+        self, problem: Problem, z_star: Any, backward: Callable[..., Any], with_jacobian: bool = True
+    ) -> tuple[Any, Any]:
         z_tree = problem.unflatten(z_star)
 
         def vjp(g: Any) -> Any:

@@ -81,6 +81,16 @@ class GradientEstimator(_Configurable, abc.ABC):
     #: released right after the forward solve instead of being kept until the backward pass.
     requires_inverse: ClassVar[bool] = False
 
+    @property
+    def uses_jacobian(self) -> bool:
+        """Whether :meth:`estimate` calls ``ctx.JT`` (VJPs at ``z*``).
+
+        Autodiff backends record ``F(z*)`` differentiably in ``z`` only when it does, so an
+        estimator that never asks (JFB) pays for no ``z``-gradient in the backward pass.
+        ``ctx.JT`` still works if it is called anyway: it then re-linearises.
+        """
+        return True
+
     @abc.abstractmethod
     def estimate(self, ctx: "BackwardContext") -> Any:
         """Return ``u`` as a flat ``(batch, n)`` array."""

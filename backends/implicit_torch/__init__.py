@@ -88,7 +88,9 @@ class TorchBackend(Backend):
             (jt,) = torch.autograd.grad(out, z_in, v, create_graph=True, allow_unused=True)
         return torch.zeros_like(v) if jt is None else jt
 
-    def attach(self, problem, z_star: Any, backward: Callable[[Any], Any]) -> tuple[Any, Any]:
+    def attach(
+        self, problem, z_star: Any, backward: Callable[..., Any], with_jacobian: bool = True
+    ) -> tuple[Any, Any]:
         import torch
 
         if not torch.is_grad_enabled():
@@ -97,7 +99,7 @@ class TorchBackend(Backend):
         # parameters, and the estimator's J^T v products reuse it. Recording it at forward
         # time keeps the backward consistent with the parameters of this call (e.g. under
         # torch.func.functional_call) and saves re-evaluating F in the backward.
-        z_in = z_star.detach().requires_grad_(True)
+        z_in = z_star.detach().requires_grad_(with_jacobian)
         with torch.enable_grad():
             out = problem.F(z_in)
         if not _reaches_other_leaves(out, z_in):
@@ -111,12 +113,15 @@ class TorchBackend(Backend):
         # The hook sits on ``result``, so JT's own passes through ``out`` do not trigger it.
         # An undefined incoming gradient (None) stays undefined.
         result = z_in.detach() + (out - out.detach())
-        result.register_hook(lambda g: None if g is None else backward(g, JT))
+        lin = JT if with_jacobian else None
+        result.register_hook(lambda g: None if g is None else backward(g, lin))
         return problem.unflatten(result), None
 
 
 def _reaches_other_leaves(out: Any, z_in: Any) -> bool:
     """Whether ``out``'s graph leads to any tensor requiring grad other than ``z_in``."""
+    if not out.requires_grad:
+        return False
     stack, seen = [out.grad_fn], set()
     while stack:
         fn = stack.pop()

@@ -26,6 +26,10 @@ class BroydenReuse(GradientEstimator):
         self.steps = check_positive_int("broyden_reuse", "steps", steps, minimum=0)
         self.m = check_positive_int("broyden_reuse", "m", m)
 
+    @property
+    def uses_jacobian(self) -> bool:
+        return self.steps > 0
+
     def estimate(self, ctx) -> Any:
         H = ctx.inverse()
         u0 = -H.rmatvec(ctx.g)

@@ -19,5 +19,9 @@ class JFB(GradientEstimator):
     def __init__(self):
         pass
 
+    @property
+    def uses_jacobian(self) -> bool:
+        return False
+
     def estimate(self, ctx) -> Any:
         return ctx.g

@@ -36,6 +36,10 @@ class SHINE(GradientEstimator):
         self.refine_solver = refine_solver
         self._refine_solver = resolve_solver("shine", refine_solver)
 
+    @property
+    def uses_jacobian(self) -> bool:
+        return self.refine > 0
+
     def estimate(self, ctx) -> Any:
         xp, g = ctx.xp, ctx.g
         u = -ctx.inverse().rmatvec(g)

@@ -113,7 +113,9 @@ class Broyden(Solver):
             U = xp.concat([self.initial_inverse.U, U], axis=1)
             V = xp.concat([self.initial_inverse.V, V], axis=1)
         fz = problem.F(z0)
-        state = {"z": z0, "fz": fz, "U": U, "V": V}
+        # rank-one terms written so far, per sample (for slicing the estimate handed to SHINE)
+        count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
+        state = {"z": z0, "fz": fz, "U": U, "V": V, "count": count}
         state["Hg"] = self._current(problem, state, 0).matvec(fz - z0)
         return state
 
@@ -154,8 +156,13 @@ class Broyden(Solver):
             u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new)
         self._write(problem, state, written, u, v, active)
         # (H + u v^T) g_new, without another pass over the buffers
-        state.update(z=z_new, fz=fz_new, Hg=Hg_new + u * bdot(xp, v, g_new)[:, None])
+        state.update(z=z_new, fz=fz_new, Hg=Hg_new + u * bdot(xp, v, g_new)[:, None],
+                     count=xp.zeros_like(state["count"]) + xp.astype(written + 1, state["count"].dtype))
         return state
 
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
-        return LowRankInverse(state["U"], state["V"], problem.xp)
+        U, V = state["U"], state["V"]
+        if not problem.backend.traced:  # only the columns some sample wrote
+            cols = self._offset() + min(int(problem.xp.max(state["count"])), self.m)
+            U, V = U[:, :cols], V[:, :cols]
+        return LowRankInverse(U, V, problem.xp)
