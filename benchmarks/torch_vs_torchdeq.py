@@ -164,15 +164,14 @@ COLUMNS = [
 
 
 def table(rows):
-    head = ["solver", "gradient"]
-    for title, _, _ in COLUMNS:
-        head += [f"{title} ours", "TorchDEQ", "ratio"]
+    """One row per case; each cell ``ours / TorchDEQ (ratio)``."""
+    head = ["solver", "gradient"] + [title for title, _, _ in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for solver, mode, a, b in rows:
         cells = [solver, mode if mode not in ("shine", "broyden_reuse") else f"{mode} (vs IFT)"]
         for _, key, fmt in COLUMNS:
             ratio = a[key] / b[key] if b[key] else float("nan")
-            cells += [fmt.format(a[key]), fmt.format(b[key]), f"{ratio:.2f}"]
+            cells.append(f"{fmt.format(a[key])} / {fmt.format(b[key])} (**{ratio:.2f}**)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from ._plugin_base import Solver
 from ._problem import Problem
 
 STOP_MODES = ("abs", "rel")
+_INF = float("inf")
 
 
 @dataclass
@@ -63,7 +64,9 @@ def solve(
     scale = xp.where(finite, xp.maximum(res, xp.full_like(res, tol)), xp.full_like(res, tol))
     carry: dict[str, Any] = {
         "state": state,
-        "k": xp.asarray(0, dtype=int_dtype, device=backend.device(res)),
+        # The step counter is a Python int on eager backends: solvers index their histories
+        # with it, and a device scalar would cost a host sync at every such index.
+        "k": xp.asarray(0, dtype=int_dtype, device=backend.device(res)) if backend.traced else 0,
         "status": status,
         "steps": xp.zeros_like(status),
         "best_z": state["z"],
@@ -82,7 +85,7 @@ def solve(
         active = c["status"] == RUNNING
         new = solver.step(problem, c["state"], c["k"], active)
         res, res_abs, res_rel = measure(new)
-        finite = xp.isfinite(res)
+        finite = res < _INF  # a norm: False exactly for NaN and Inf, in one kernel
         accept = active & finite
         better = accept & (res < c["best_res"])
         status = xp.where(active & ~finite, NON_FINITE, c["status"])
@@ -93,7 +96,7 @@ def solve(
             # A non-finite step is not kept: the sample stays on its last finite state.
             "state": new if backend.all_on_host(accept) else select(xp, accept, new, c["state"]),
             "k": c["k"] + 1,
-            "status": xp.astype(status, int_dtype),
+            "status": xp.astype(status, int_dtype, copy=False),
             "steps": c["steps"] + xp.astype(active, int_dtype),
             "best_z": new["z"] if backend.all_on_host(better) else select(xp, better, new["z"], c["best_z"]),
             "best_res": xp.where(better, res, c["best_res"]),

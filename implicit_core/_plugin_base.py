@@ -56,7 +56,9 @@ class Solver(_Configurable, abc.ABC):
     def step(self, problem: "Problem", state: dict[str, Any], k: Any, active: Any) -> dict[str, Any]:
         """One iteration.
 
-        ``k`` is the number of steps taken so far (0-based, the same for every sample);
+        ``k`` is the number of steps taken so far (0-based, the same for every sample): a
+        Python int on eager backends, an integer array on traced ones (write arithmetic on it
+        that works for both: ``k % m``, ``(k > 0) * x``);
         ``active`` the ``(batch,)`` mask of samples still iterating. Buffers that a backend
         updates in place (histories) must only change for active samples: write with
         :func:`write_row`.

@@ -126,7 +126,7 @@ class Broyden(Solver):
         written = k  # rank-one terms written before this step: one per step, plus OPA's
         if self.opa is not None:
             fires = self._opa_fires(k)
-            written = k + xp.where(k > 0, (k - 1) // self.opa_freq, 0)
+            written = k + ((k - 1) // self.opa_freq) * (k > 0)  # k: a Python int or a traced array
 
             def opa_update():
                 H = self._current(problem, state, written)
@@ -138,7 +138,7 @@ class Broyden(Solver):
                 return state["U"], state["V"]
 
             state["U"], state["V"] = be.cond(fires, opa_update, lambda: (state["U"], state["V"]))
-            written = written + xp.astype(fires, written.dtype)
+            written = written + fires
         H = self._current(problem, state, written)
         # H g(z) is carried from the previous step (updated for its rank-one term below);
         # after an OPA update it is recomputed.
@@ -157,7 +157,7 @@ class Broyden(Solver):
         self._write(problem, state, written, u, v, active)
         # (H + u v^T) g_new, without another pass over the buffers
         state.update(z=z_new, fz=fz_new, Hg=Hg_new + u * bdot(xp, v, g_new)[:, None],
-                     count=xp.zeros_like(state["count"]) + xp.astype(written + 1, state["count"].dtype))
+                     count=state["count"] * 0 + (written + 1))
         return state
 
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
