@@ -19,8 +19,8 @@ from ._errors import (
     did_you_mean,
 )
 from ._gradient_context import BackwardContext
-from ._info import SolveInfo, check_on_fail, report
-from ._loop import STOP_MODES, solve
+from ._info import SolveInfo, check_on_fail
+from ._loop import STOP_MODES, SolveResult, solve
 from ._plugin_base import GradientEstimator, Solver
 from ._problem import FIXED_POINT, ROOT, Layout, Problem
 from ._registry import REGISTRY, _instantiate, solver_names_with_inverse
@@ -119,29 +119,34 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
             f"the {be.name!r} backend differentiates with its own autodiff: drop the vjp= option"
         )
     problem = _build_problem(be, fn, z0, args, form, user_vjp)
-    z0_flat = problem.flatten(z0)
+    z0_flat = be.stop_gradient(problem.flatten(z0))
 
-    with be.forward_context():
+    def forward(p: Problem, z_init: Any) -> SolveResult:
         result = solve(
-            problem, solver_obj, z0_flat, tol=tol, max_iter=max_iter,
+            p, solver_obj, z_init, tol=tol, max_iter=max_iter,
             stop_mode=stop_mode, trace=trace, divergence=divergence,
         )
-    info = result.info
+        if not gradient_obj.requires_inverse:
+            result.state = {}  # histories are dead weight until the backward pass: free them now
+        return result
+
+    def make_backward(p: Problem, result: SolveResult, info: SolveInfo | None) -> Callable[..., Any]:
+        def backward(g_flat: Any, lin: Any = None) -> Any:
+            ctx = BackwardContext(p, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail, _lin=lin)
+            try:
+                return gradient_obj.estimate(ctx)
+            finally:  # also when the backward solve raised: info says what happened
+                if info is not None:
+                    info.backward = ctx.backward_info
+                    info.extras.update(ctx.extras)
+
+        return backward
+
+    z_out, info = be.solve_implicit(
+        problem, z0_flat, forward, make_backward, with_jacobian=gradient_obj.uses_jacobian
+    )
     info.gradient = gradient_obj.name
-    if not gradient_obj.requires_inverse:
-        result.state = {}  # histories are dead weight until the backward pass: free them now
-    if not be.traced:
-        report(info, on_fail)
-
-    def backward(g_flat: Any, lin: Any = None) -> Any:
-        ctx = BackwardContext(problem, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail, _lin=lin)
-        try:
-            return gradient_obj.estimate(ctx)
-        finally:  # also when the backward solve raised: info says what happened
-            info.backward = ctx.backward_info
-            info.extras.update(ctx.extras)
-
-    z_out, info.vjp = be.attach(problem, result.z, backward, with_jacobian=gradient_obj.uses_jacobian)
+    be.report(info, on_fail)
     return z_out, info
 
 
@@ -228,6 +233,14 @@ def _generic_leaves(tree: Any) -> list[Any]:
     return [tree]
 
 
+def _flattens_to_own_arrays(backend: Backend, tree: Any) -> bool:
+    try:
+        leaves, _ = backend.tree_flatten(tree)
+        return bool(leaves) and all(backend.owns(leaf) for leaf in leaves)
+    except Exception:  # a backend that cannot flatten this object does not own it
+        return False
+
+
 def _describe(x: Any) -> str:
     return f"{type(x).__module__}.{type(x).__name__}"
 
@@ -240,6 +253,8 @@ def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
         be = REGISTRY.get("backend", name)
     else:
         found = {id(o): o for o, _ in owners if o is not None}
+        if not found:  # a framework's own container (a JAX pytree): ask each backend to flatten it
+            found = {id(b): b for b in backends if _flattens_to_own_arrays(b, z0)}
         if not found:
             raise BackendMismatchError(
                 f"z0 is a {_describe(z_leaves[0])}, which no registered backend handles. "
@@ -255,7 +270,8 @@ def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
     ok, reason = be.available()
     if not ok:
         raise BackendUnavailableError(f"backend {be.name!r} is unavailable: {reason}")
-    for owner, leaf in owners:
+    for leaf in be.tree_flatten(z0)[0]:
+        owner = _owner(leaf, backends)
         if owner is not be:
             raise BackendMismatchError(
                 f"z0 holds a {_describe(leaf)} but the backend is {be.name!r}: pass {be.name} arrays "
@@ -310,10 +326,10 @@ def _build_problem(be: Backend, fn: Callable, z0: Any, args: Any, form: str, use
                 "move every array to one device"
             )
     for i, leaf in enumerate(leaves):
-        if not bool(xp.all(xp.isfinite(leaf))):
+        if be.is_concrete(leaf) and not bool(xp.all(xp.isfinite(leaf))):
             raise NonFiniteError(f"z0 contains NaN or Inf (state leaf {i}): start from finite values (e.g. zeros)")
     for leaf in arg_leaves:
-        if be.owns(leaf) and xp.isdtype(leaf.dtype, ("real floating", "complex floating")):
+        if be.owns(leaf) and be.is_concrete(leaf) and xp.isdtype(leaf.dtype, ("real floating", "complex floating")):
             if not bool(xp.all(xp.isfinite(leaf))):
                 raise NonFiniteError("args contains NaN or Inf: the solve would only propagate them")
     layout = Layout(

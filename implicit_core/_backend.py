@@ -144,7 +144,6 @@ class Backend(abc.ABC):
         """
         return self.linearise(problem, z)(v)
 
-    @abc.abstractmethod
     def attach(
         self, problem: Any, z_star: Any, backward: Callable[..., Any], with_jacobian: bool = True
     ) -> tuple[Any, Any]:
@@ -158,6 +157,45 @@ class Backend(abc.ABC):
         user-facing solution (state structure) and an optional ``vjp(g) -> dL/dargs`` callable
         for backends without autodiff (``None`` otherwise).
         """
+        from ._errors import PluginError
+
+        raise PluginError(
+            f"backend {self.name!r} implements neither attach() nor solve_implicit(): "
+            "a backend must connect solutions to its framework's autodiff through one of them"
+        )
+
+    def solve_implicit(
+        self,
+        problem: Any,
+        z0: Any,
+        forward: Callable[[Any, Any], Any],
+        make_backward: Callable[[Any, Any, Any], Callable[..., Any]],
+        with_jacobian: bool = True,
+    ) -> tuple[Any, Any]:
+        """Run the forward solve and connect its solution to the framework's autodiff.
+
+        ``forward(problem, z0) -> SolveResult``; ``make_backward(problem, result, info)``
+        gives the ``backward(g_flat, lin=None) -> u`` of :meth:`attach` (``info`` receives
+        the backward solve's report; ``None`` where it cannot, e.g. inside a trace). The
+        default solves under :meth:`forward_context` and then calls :meth:`attach`; a
+        functional framework (JAX) runs the solve inside its custom-derivative rule instead.
+        Returns ``(solution in the state's structure, SolveInfo)``.
+        """
+        with self.forward_context():
+            result = forward(problem, z0)
+        info = result.info
+        z_out, info.vjp = self.attach(problem, result.z, make_backward(problem, result, info), with_jacobian)
+        return z_out, info
+
+    def report(self, info: Any, on_fail: str, stage: str = "forward") -> None:
+        """Warn or raise per ``on_fail`` when samples failed; traced backends defer to run time."""
+        from ._info import report
+
+        report(info, on_fail, stage)
+
+    def is_concrete(self, x: Any) -> bool:
+        """False for placeholders of a trace (JAX tracers), whose values are unknown here."""
+        return True
 
     def __repr__(self) -> str:
         return f"<backend {self.name!r}>"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ._errors import ConfigurationError
-from ._info import SolveInfo, report
+from ._info import SolveInfo
 from ._linear import InverseJacobian
 from ._loop import SolveResult, solve
 from ._plugin_base import Solver
@@ -72,6 +72,5 @@ class BackwardContext:
             divergence=1e6,
         )
         self.backward_info = result.info
-        if not self.problem.backend.traced:
-            report(result.info, self.on_fail if on_fail is None else on_fail, stage="backward")
+        self.problem.backend.report(result.info, self.on_fail if on_fail is None else on_fail, stage="backward")
         return result.z

@@ -104,4 +104,4 @@ def report(info: SolveInfo, on_fail: str, stage: str = "forward") -> None:
     )
     if on_fail == "raise":
         raise ConvergenceError(message, info)
-    warnings.warn(message, ConvergenceWarning, stacklevel=4)
+    warnings.warn(message, ConvergenceWarning, stacklevel=5)  # user -> fixed_point -> _run -> Backend.report
