@@ -130,11 +130,15 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
             result.state = {}  # histories are dead weight until the backward pass: free them now
         return result
 
-    def make_backward(p: Problem, result: SolveResult, info: SolveInfo | None) -> Callable[..., Any]:
+    def make_backward(
+        p: Problem, result: SolveResult, info: SolveInfo | None, estimator: GradientEstimator | None = None
+    ) -> Callable[..., Any]:
+        chosen = gradient_obj if estimator is None else estimator
+
         def backward(g_flat: Any, lin: Any = None) -> Any:
             ctx = BackwardContext(p, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail, _lin=lin)
             try:
-                return gradient_obj.estimate(ctx)
+                return chosen.estimate(ctx)
             finally:  # also when the backward solve raised: info says what happened
                 if info is not None:
                     info.backward = ctx.backward_info
@@ -278,7 +282,7 @@ def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
                 "or choose the matching backend."
             )
     for leaf in _generic_leaves(args):
-        if be.owns(leaf) or not array_api_compat.is_array_api_obj(leaf):
+        if be.owns(leaf) or be.accepts(leaf) or not array_api_compat.is_array_api_obj(leaf):
             continue
         raise BackendMismatchError(
             f"args holds a {_describe(leaf)} while z0 is on the {be.name!r} backend: "
@@ -326,11 +330,11 @@ def _build_problem(be: Backend, fn: Callable, z0: Any, args: Any, form: str, use
                 "move every array to one device"
             )
     for i, leaf in enumerate(leaves):
-        if be.is_concrete(leaf) and not bool(xp.all(xp.isfinite(leaf))):
+        if be.all_finite(leaf) is False:
             raise NonFiniteError(f"z0 contains NaN or Inf (state leaf {i}): start from finite values (e.g. zeros)")
     for leaf in arg_leaves:
-        if be.owns(leaf) and be.is_concrete(leaf) and xp.isdtype(leaf.dtype, ("real floating", "complex floating")):
-            if not bool(xp.all(xp.isfinite(leaf))):
+        if be.owns(leaf) and xp.isdtype(leaf.dtype, ("real floating", "complex floating")):
+            if be.all_finite(leaf) is False:
                 raise NonFiniteError("args contains NaN or Inf: the solve would only propagate them")
     layout = Layout(
         treedef=treedef,

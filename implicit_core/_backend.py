@@ -174,9 +174,10 @@ class Backend(abc.ABC):
     ) -> tuple[Any, Any]:
         """Run the forward solve and connect its solution to the framework's autodiff.
 
-        ``forward(problem, z0) -> SolveResult``; ``make_backward(problem, result, info)``
-        gives the ``backward(g_flat, lin=None) -> u`` of :meth:`attach` (``info`` receives
-        the backward solve's report; ``None`` where it cannot, e.g. inside a trace). The
+        ``forward(problem, z0) -> SolveResult``; ``make_backward(problem, result, info,
+        estimator=None)`` gives the ``backward(g_flat, lin=None) -> u`` of :meth:`attach`
+        (``info`` receives the backward solve's report, ``None`` where it cannot, e.g. inside a
+        trace; ``estimator`` overrides the user's choice, e.g. exact IFT for higher orders). The
         default solves under :meth:`forward_context` and then calls :meth:`attach`; a
         functional framework (JAX) runs the solve inside its custom-derivative rule instead.
         Returns ``(solution in the state's structure, SolveInfo)``.
@@ -196,6 +197,14 @@ class Backend(abc.ABC):
     def is_concrete(self, x: Any) -> bool:
         """False for placeholders of a trace (JAX tracers), whose values are unknown here."""
         return True
+
+    def accepts(self, x: Any) -> bool:
+        """Whether an array of another library may appear in ``args`` (JAX takes NumPy arrays)."""
+        return False
+
+    def all_finite(self, x: Any) -> bool | None:
+        """Whether every entry of ``x`` is finite; ``None`` when it cannot be known here (traced)."""
+        return bool(self.xp.all(self.xp.isfinite(x)))
 
     def __repr__(self) -> str:
         return f"<backend {self.name!r}>"

@@ -10,9 +10,11 @@ import numpy as np
 import implicit_core as ic
 
 #: Every backend the tests run on; a new backend is tested by adding it here.
-BACKENDS = ["numpy", "cupy", "torch"]
+BACKENDS = ["numpy", "cupy", "torch", "jax"]
 #: Backends whose gradients come from the user's VJP (``info.vjp``) rather than autodiff.
 EXPLICIT_VJP = {"numpy", "cupy"}
+#: Backends whose tests read gradients from ``info.vjp`` (JAX's re-runs the solve under jax.vjp).
+VJP_FROM_INFO = EXPLICIT_VJP | {"jax"}
 SOLVERS = ["fixed_point", "anderson", "broyden"]
 GRADIENTS = ["ift", "jfb", "phantom", "shine", "broyden_reuse"]
 
@@ -58,7 +60,7 @@ def prepare_arg(be, a):
 
 
 def gradient_of(be, z, info, w, args):
-    if be.name in EXPLICIT_VJP:
+    if be.name in VJP_FROM_INFO:
         return info.vjp(w)
     if be.name == "torch":
         import torch

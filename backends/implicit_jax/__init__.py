@@ -7,6 +7,9 @@ closure-converted first (``jax.closure_convert``): values it captures from an en
 (an Equinox model's weights, a ``jit`` argument) become explicit inputs of the rule and receive
 their gradients like ``args`` do. Everything composes with ``jit``, ``vmap`` and ``grad``.
 
+Under ``jax.grad`` the gradients flow as usual; ``info.vjp(g)`` also gives ``dL/dargs``
+directly, as on NumPy (it runs the solve again inside ``jax.vjp``).
+
 Non-convergence under ``jit``: the ``info`` arrays are returned as usual; ``on_fail="warn"``
 warns from a host callback (``jax.debug.callback``) when the program runs, and
 ``on_fail="raise"`` raises from it, which JAX surfaces as a ``JaxRuntimeError`` whose message
@@ -17,10 +20,17 @@ raise ``ConvergenceError`` itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 from implicit_core import Backend, SolveInfo, hookimpl
 from implicit_core._loop import SolveResult
+
+def exact_ift() -> Any:
+    from implicit_core import get_gradient
+
+    return get_gradient("ift")
+
 
 #: SolveInfo fields returned by the custom-VJP rule as arrays.
 _INFO_FIELDS = ("steps", "residual", "rel_residual", "converged", "status")
@@ -46,6 +56,11 @@ class JaxBackend(Backend):
 
         return isinstance(x, jax.Array)
 
+    def accepts(self, x: Any) -> bool:
+        import numpy as np
+
+        return isinstance(x, np.ndarray)  # jax.numpy consumes NumPy arrays as constants
+
     def namespace(self) -> Any:
         import jax.numpy as jnp
 
@@ -67,6 +82,14 @@ class JaxBackend(Backend):
         import jax
 
         return not isinstance(x, jax.core.Tracer)
+
+    def all_finite(self, x: Any) -> bool | None:
+        import numpy as np
+
+        if not self.is_concrete(x):
+            return None
+        # On the host: inside a trace even an operation on a concrete array is staged.
+        return bool(np.all(np.isfinite(np.asarray(x))))
 
     def to_python(self, x: Any) -> Any:
         import numpy as np
@@ -110,13 +133,22 @@ class JaxBackend(Backend):
     def solve_implicit(self, problem, z0, forward, make_backward, with_jacobian=True):
         import jax
 
+        _register_solve_info()
+        # One checked call first: the user's errors and wrong outputs become typed errors
+        # before anything is traced for the loop.
+        problem.call_user(problem.unflatten(z0))
         fn_conv, consts = jax.closure_convert(problem.fn, problem.unflatten(z0), problem.args)
         solver: list[Any] = []  # the solver object, static: recorded while tracing the primal
+        info_box: list[Any] = []  # the SolveInfo, once built: eager backward passes report into it
 
         def bind(args: Any, consts: Any) -> Any:
             return dataclasses.replace(problem, fn=lambda z, a: fn_conv(z, a, *consts), args=args, _checked=True)
 
         def primal(z0: Any, args: Any, consts: Any) -> tuple[tuple[Any, Any], Any]:
+            # The loop never sees a tangent (reverse mode cannot cross lax.while_loop): when
+            # this rule is itself differentiated (grad of grad), z* gets its derivative from
+            # ``reattach`` below instead.
+            z0, args, consts = jax.lax.stop_gradient((z0, args, consts))
             result = forward(bind(args, consts), z0)
             solver[:] = [result.solver]
             info = tuple(getattr(result.info, f) for f in _INFO_FIELDS) + (result.info.trace,)
@@ -127,28 +159,68 @@ class JaxBackend(Backend):
             return primal(z0, args, consts)[0]
 
         def implicit_fwd(z0, args, consts):
-            out, result = primal(z0, args, consts)
-            return out, (result.z, result.state, args, consts, z0)
+            (z, info), result = primal(z0, args, consts)
+            # Identity in value; when this rule is differentiated (grad of grad), the output
+            # depends on args through the implicit function theorem, not through the loop.
+            z = reattach(z, result.state, args, consts)
+            return (z, info), (result.z, result.state, args, consts, z0)
+
+        def backward_rule(z_star, state, args, consts, g, estimator=None):
+            """``dL/d(args, consts)`` for ``g = dL/dz*``."""
+            # Differentiating this rule again (grad of grad) needs dz*/dargs: ``reattach``
+            # gives z* that derivative by exact IFT, without solving the forward again.
+            z = reattach(jax.lax.stop_gradient(z_star), state, args, consts)
+            p = bind(args, consts)
+            lin = None
+            if with_jacobian or estimator is not None:
+                _, vjp_z = jax.vjp(p.F, z)
+                lin = lambda v: vjp_z(v)[0]  # noqa: E731
+            forward_result = SolveResult(z=z, info=None, state=state, solver=solver[0])
+            # Run eagerly (concrete residuals), the backward solve's report lands in
+            # info.backward; inside a trace it could not leave it, and failures are reported
+            # through Backend.report's host callback instead.
+            target = info_box[0] if info_box and estimator is None and self.is_concrete(z_star) else None
+            u = make_backward(p, forward_result, target, estimator)(g, lin)
+            _, vjp_params = jax.vjp(lambda a, c: bind(a, c).F(z), args, consts)
+            return vjp_params(u)
+
+        @jax.custom_vjp
+        def reattach(z_star, state, args, consts):
+            return z_star
+
+        def reattach_fwd(z_star, state, args, consts):
+            return z_star, (z_star, state, args, consts)
+
+        def reattach_bwd(residuals, g):
+            z_star, state, args, consts = residuals
+            d_args, d_consts = backward_rule(z_star, state, args, consts, g, estimator=exact_ift())
+            zeros = jax.tree_util.tree_map(jax.numpy.zeros_like, (z_star, state))
+            return zeros[0], zeros[1], d_args, d_consts
+
+        reattach.defvjp(reattach_fwd, reattach_bwd)
 
         def implicit_bwd(residuals, cotangents):
             z_star, state, args, consts, z0 = residuals
-            p = bind(args, consts)
-            lin = None
-            if with_jacobian:
-                _, vjp_z = jax.vjp(p.F, z_star)
-                lin = lambda v: vjp_z(v)[0]  # noqa: E731
-            forward_result = SolveResult(z=z_star, info=None, state=state, solver=solver[0])
-            # info=None: a report from inside this trace could not leave it; the backward
-            # solve's failures are reported through Backend.report's host callback instead.
-            u = make_backward(p, forward_result, None)(cotangents[0], lin)
-            _, vjp_params = jax.vjp(lambda a, c: bind(a, c).F(z_star), args, consts)
-            d_args, d_consts = vjp_params(u)
+            d_args, d_consts = backward_rule(z_star, state, args, consts, cotangents[0])
             return jax.numpy.zeros_like(z0), d_args, d_consts
 
         implicit.defvjp(implicit_fwd, implicit_bwd)
         z_flat, arrays = implicit(z0, problem.args, consts)
         fields = dict(zip(_INFO_FIELDS, arrays[:-1]))
-        info = SolveInfo(**fields, trace=arrays[-1], solver=solver[0].name, to_python=self.to_python)
+        trace = arrays[-1]
+        if trace is not None and self.is_concrete(trace):
+            # The loop ran max(steps) iterations: drop the unused rows, as eager backends do.
+            trace = trace[: int(fields["steps"].max()) + 1]
+        info = SolveInfo(**fields, trace=trace, solver=solver[0].name, to_python=self.to_python)
+        info_box.append(info)
+
+        def vjp(g: Any) -> Any:
+            """``dL/dargs`` for ``g = dL/dz*``, as on NumPy (re-runs the forward solve)."""
+            problem.check_output(g, what="the cotangent g passed to info.vjp")
+            _, pullback = jax.vjp(lambda a: implicit(z0, a, consts)[0], problem.args)
+            return pullback(problem.flatten(g))[0]
+
+        info.vjp = vjp
         return problem.unflatten(z_flat), info
 
     def report(self, info: Any, on_fail: str, stage: str = "forward") -> None:
@@ -169,6 +241,27 @@ class JaxBackend(Backend):
             report(host, on_fail, stage)
 
         jax.debug.callback(on_host, *arrays)
+
+
+@functools.lru_cache(maxsize=1)
+def _register_solve_info() -> None:
+    """Make ``SolveInfo`` a pytree, so that a jitted function can return it.
+
+    Its arrays are the children; the names are static; ``backward``, ``extras`` and ``vjp``
+    (host-side objects) do not cross a ``jit`` boundary.
+    """
+    import jax
+
+    def flatten(info: SolveInfo):
+        children = tuple(getattr(info, f) for f in _INFO_FIELDS) + (info.trace,)
+        return children, (info.solver, info.gradient, info.to_python)
+
+    def unflatten(aux, children):
+        solver, gradient, to_python = aux
+        fields = dict(zip(_INFO_FIELDS, children[:-1]))
+        return SolveInfo(**fields, trace=children[-1], solver=solver, gradient=gradient, to_python=to_python)
+
+    jax.tree_util.register_pytree_node(SolveInfo, flatten, unflatten)
 
 
 @hookimpl

@@ -134,8 +134,9 @@ class Broyden(Solver):
                 prev = -H.matvec(fz - z)  # the coming quasi-Newton step sets the scale
                 e = e * (bnorm(xp, prev) / (bnorm(xp, e) + problem.eps))[:, None]
                 u, v = self._adjoint_terms(problem, H, z, e)
-                self._write(problem, state, written, u, v, active)
-                return state["U"], state["V"]
+                updated = dict(state)  # a traced branch must not write into the enclosing state
+                self._write(problem, updated, written, u, v, active)
+                return updated["U"], updated["V"]
 
             state["U"], state["V"] = be.cond(fires, opa_update, lambda: (state["U"], state["V"]))
             written = written + fires

@@ -1,0 +1,182 @@
+"""What only the JAX backend does: jit, vmap, grad transformations, pytrees, closures, sharding."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import implicit_core as ic
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+from jax.test_util import check_grads  # noqa: E402
+
+SOLVERS = ["fixed_point", "anderson", "broyden"]
+PAIRS = [(s, g) for s in SOLVERS for g in ("ift", "jfb", "phantom")] + [("broyden", "shine"), ("broyden", "broyden_reuse")]
+
+
+def _problem(batch=4, n=6, norm=0.7, seed=0):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n, n))
+    W *= norm / np.linalg.norm(W, 2)
+    return jnp.asarray(W), jnp.asarray(rng.standard_normal((batch, n)))
+
+
+def _cell(z, args):
+    W, c = args
+    return jnp.tanh(z @ W.T + c)
+
+
+def _layer(solver, gradient="ift", **kw):
+    def layer(W, c):
+        z, _ = ic.fixed_point(_cell, jnp.zeros_like(c), (W, c), solver=solver, gradient=gradient, **kw)
+        return z
+
+    return layer
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_check_grads_ift_through_every_solver(solver):
+    W, c = _problem()
+    gradient = ic.get_gradient("ift", solver=solver, tol=1e-12, max_iter=300)
+    check_grads(_layer(solver, gradient, tol=1e-12, max_iter=300), (W, c), order=1, modes=["rev"],
+                atol=1e-6, rtol=1e-6, eps=1e-6)
+
+
+@pytest.mark.parametrize("solver,gradient", PAIRS)
+def test_jit_every_solver_and_estimator(solver, gradient):
+    """No Python-side concretisation anywhere: the jitted value and gradient equal the eager ones."""
+    W, c = _problem()
+    kw = dict(tol=1e-10, max_iter=100, on_fail="ignore")
+
+    def loss(W, c):
+        return jnp.sum(_layer(solver, gradient, **kw)(W, c) ** 2)
+
+    eager = jax.value_and_grad(loss, argnums=(0, 1))(W, c)
+    jitted = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(W, c)
+    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-12)
+
+
+def test_vmap_over_a_batch_of_problems():
+    Ws = jnp.stack([_problem(seed=s)[0] for s in range(3)])
+    c = _problem()[1]
+    layer = _layer("anderson", tol=1e-10, max_iter=100)
+    batched = jax.vmap(layer, in_axes=(0, None))(Ws, c)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(layer(Ws[i], c)), atol=1e-12)
+    grads = jax.vmap(jax.grad(lambda W, c: jnp.sum(layer(W, c))), in_axes=(0, None))(Ws, c)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(jax.grad(lambda W: jnp.sum(layer(W, c)))(Ws[i])),
+                                   atol=1e-10)
+
+
+def test_grad_of_grad_through_jfb():
+    """JFB's backward is one VJP of f, itself differentiable: second derivatives by JAX."""
+    W, c = _problem()
+    layer = _layer("broyden", "jfb", tol=1e-12, max_iter=100)
+    scalar = lambda s: jnp.sum(layer(W * s, c) ** 2)  # noqa: E731
+    d1 = jax.grad(scalar)
+    d2 = jax.grad(d1)(1.0)
+    h = 1e-5
+    fd = (d1(1.0 + h) - d1(1.0 - h)) / (2 * h)
+    np.testing.assert_allclose(float(d2), float(fd), rtol=1e-5)
+
+
+def test_pytree_state_and_args_and_closure_capture():
+    W, c = _problem(n=6)
+    V = jnp.asarray(np.random.default_rng(3).standard_normal((3, 6)) * 0.2)
+
+    def cell(z, params):  # state: a dict of two arrays; args: a dict
+        a = jnp.tanh(z["a"] @ params["W"].T + z["b"] @ params["V"] + c)
+        b = jnp.tanh(0.5 * z["b"] + 0.1 * a[:, :3])
+        return {"a": a, "b": b}
+
+    z0 = {"a": jnp.zeros((4, 6)), "b": jnp.zeros((4, 3))}
+
+    def loss_args(params):
+        z, _ = ic.fixed_point(cell, z0, params, tol=1e-12, max_iter=200)
+        return jnp.sum(z["a"] ** 2) + jnp.sum(z["b"])
+
+    def loss_closure(W):  # W captured by the function, not passed as args
+        z, _ = ic.fixed_point(lambda z, p: cell(z, {"W": W, "V": p}), z0, V, tol=1e-12, max_iter=200)
+        return jnp.sum(z["a"] ** 2) + jnp.sum(z["b"])
+
+    g_args = jax.grad(loss_args)({"W": W, "V": V})
+    g_closure = jax.jit(jax.grad(loss_closure))(W)
+    np.testing.assert_allclose(np.asarray(g_closure), np.asarray(g_args["W"]), atol=1e-10)
+    check_grads(loss_closure, (W,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
+
+
+def test_nested_in_a_scan():
+    W, c = _problem()
+
+    def step(carry, c_t):
+        z, _ = ic.fixed_point(_cell, carry, (W, c_t), tol=1e-10, max_iter=100)
+        return z, jnp.sum(z)
+
+    def run(W_scale):
+        def step_scaled(carry, c_t):
+            z, _ = ic.fixed_point(_cell, carry, (W * W_scale, c_t), tol=1e-10, max_iter=100)
+            return z, jnp.sum(z)
+
+        _, out = jax.lax.scan(step_scaled, jnp.zeros_like(c), jnp.stack([c, 0.5 * c, -c]))
+        return jnp.sum(out)
+
+    _, out = jax.lax.scan(step, jnp.zeros_like(c), jnp.stack([c, 0.5 * c, -c]))
+    assert out.shape == (3,)
+    g = jax.jit(jax.grad(run))(1.0)
+    h = 1e-6
+    np.testing.assert_allclose(float(g), float((run(1.0 + h) - run(1.0 - h)) / (2 * h)), rtol=1e-5)
+
+
+def test_on_fail_eager_and_under_jit():
+    W, c = _problem(norm=0.95)
+    solve = lambda W, on_fail: ic.fixed_point(_cell, jnp.zeros_like(c), (W, c), tol=1e-14, max_iter=2,  # noqa: E731
+                                              on_fail=on_fail)
+    with pytest.raises(ic.ConvergenceError) as err:
+        solve(W, "raise")
+    assert err.value.info.failed == [0, 1, 2, 3]
+    with pytest.raises(Exception, match="did not converge"):  # a JaxRuntimeError carrying our message
+        jax.jit(lambda W: solve(W, "raise")[0])(W).block_until_ready()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.jit(lambda W: solve(W, "warn")[0])(W).block_until_ready()
+        jax.effects_barrier()
+    assert any(issubclass(w.category, ic.ConvergenceWarning) for w in caught)
+    z, info = jax.jit(lambda W: solve(W, "ignore"))(W)
+    assert not bool(info.converged.any()) and info.steps.shape == (4,)
+
+
+def test_sharded_batch_equals_single_device():
+    """Two CPU devices (XLA_FLAGS), batch sharded across them: same solution and gradient."""
+    code = textwrap.dedent("""
+        import numpy as np, jax, jax.numpy as jnp
+        jax.config.update("jax_enable_x64", True)
+        import implicit_core as ic
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        assert len(jax.devices()) == 2, jax.devices()
+        rng = np.random.default_rng(0)
+        W = rng.standard_normal((16, 16)); W *= 0.8 / np.linalg.norm(W, 2)
+        W, c = jnp.asarray(W), jnp.asarray(rng.standard_normal((8, 16)))
+        def loss(W, c):
+            z, info = ic.fixed_point(lambda z, a: jnp.tanh(z @ a[0].T + a[1]), jnp.zeros_like(c), (W, c),
+                                     solver="broyden", tol=1e-12, max_iter=100)
+            return jnp.sum(z ** 2), z
+        f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        (v1, z1), g1 = f(W, c)
+        mesh = Mesh(np.array(jax.devices()), ("batch",))
+        c_sharded = jax.device_put(c, NamedSharding(mesh, P("batch", None)))
+        (v2, z2), g2 = f(W, c_sharded)
+        assert len(z2.sharding.device_set) == 2, z2.sharding
+        np.testing.assert_allclose(np.asarray(z2), np.asarray(z1), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(g2), np.asarray(g1), rtol=0, atol=1e-11)
+        print("ok", float(v1), float(v2))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
