@@ -94,7 +94,7 @@ def solve(
             status = xp.where(accept & (res > divergence * scale), DIVERGED, status)
         out = {
             # A non-finite step is not kept: the sample stays on its last finite state.
-            "state": new if backend.all_on_host(accept) else select(xp, accept, new, c["state"]),
+            "state": new if backend.all_on_host(accept) else select(xp, accept, new, c["state"], solver.row_masked),
             "k": c["k"] + 1,
             "status": xp.astype(status, int_dtype, copy=False),
             "steps": c["steps"] + xp.astype(active, int_dtype),

@@ -20,11 +20,17 @@ def expand_mask(xp: Any, mask: Any, like: Any) -> Any:
     return xp.reshape(mask, (mask.shape[0],) + (1,) * (like.ndim - 1))
 
 
-def select(xp: Any, mask: Any, new: Any, old: Any) -> Any:
-    """Per-sample ``where`` over arrays or dicts of arrays with a leading batch axis."""
+def select(xp: Any, mask: Any, new: Any, old: Any, skip: tuple[str, ...] = ()) -> Any:
+    """Per-sample ``where`` over arrays or dicts of arrays with a leading batch axis.
+
+    Dict entries named in ``skip``, and buffers updated in place (the same object in both),
+    are taken from ``new`` as they are: their rows were masked when written.
+    """
     if isinstance(new, dict):
-        # A buffer updated in place is the same object in both: its rows were already masked.
-        return {key: new[key] if new[key] is old[key] else select(xp, mask, new[key], old[key]) for key in new}
+        return {
+            key: new[key] if (key in skip or new[key] is old[key]) else select(xp, mask, new[key], old[key])
+            for key in new
+        }
     return xp.where(expand_mask(xp, mask, new), new, old)
 
 

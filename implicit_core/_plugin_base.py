@@ -47,6 +47,10 @@ class Solver(_Configurable, abc.ABC):
 
     #: True when :meth:`inverse_jacobian` returns a usable estimate (SHINE, Broyden reuse).
     provides_inverse: ClassVar[bool] = False
+    #: State entries the solver writes only through :func:`write_row` (rows of active samples
+    #: only): the loop does not mask them again. On functional backends (JAX), where every
+    #: update is a new array, this saves a ``where`` over whole histories per step.
+    row_masked: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def init(self, problem: "Problem", z0: Any) -> dict[str, Any]:

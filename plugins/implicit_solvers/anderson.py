@@ -30,6 +30,7 @@ class Anderson(Solver):
     """
 
     name = "anderson"
+    row_masked = ("F", "G", "GG")
 
     def __init__(self, m: int = 5, lam: float = 1e-4, beta: float = 1.0):
         self.m = check_positive_int("anderson", "m", m)

@@ -43,6 +43,7 @@ class Broyden(Solver):
 
     name = "broyden"
     provides_inverse = True
+    row_masked = ("U", "V")
 
     def __init__(
         self,
