@@ -29,6 +29,15 @@ def reference_arrays(n: int = N, batch: int = BATCH, seed: int = 0) -> dict[str,
     return {"X": X, "W": W, "U": U, "b": b, "w": w}
 
 
+def report(title: str, table: str, markdown: str | None) -> None:
+    """Print a result table under its title, and write it to ``markdown`` when given."""
+    text = f"{title}\n\n{table}\n"
+    print("\n" + text)
+    if markdown:
+        with open(markdown, "w") as fh:
+            fh.write(text)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.ravel(a), np.ravel(b)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -24,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from _reference import BATCH, MAX_ITER, N, TOL, reference_arrays
+from _reference import BATCH, MAX_ITER, N, TOL, reference_arrays, report
 import implicit_core as ic
 
 
@@ -148,11 +148,7 @@ def main(argv=None):
                      f"{a['value_and_grad_ms'] / ift['value_and_grad_ms']:.2f} of our IFT |")
         print(lines[-1], flush=True)
     title = f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); ours / theirs"
-    text = title + "\n\n" + "\n".join(lines) + "\n"
-    print("\n" + text)
-    if opts.markdown:
-        with open(opts.markdown, "w") as fh:
-            fh.write(text)
+    report(title, "\n".join(lines), opts.markdown)
 
 
 if __name__ == "__main__":

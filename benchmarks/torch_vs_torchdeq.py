@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from _reference import MAX_ITER, TOL, cosine, reference_arrays
+from _reference import MAX_ITER, TOL, cosine, reference_arrays, report
 from implicit_core import get_gradient
 from implicit_torch import DEQ
 from implicit_torch.memory import PeakMemory
@@ -201,11 +201,7 @@ def main(argv=None):
     title = (f"torch {torch.__version__} on {device.type}"
              f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
              f"{torch.get_num_threads()} threads; ours / TorchDEQ")
-    text = f"{title}\n\n{table(rows)}\n"
-    print("\n" + text)
-    if opts.markdown:
-        with open(opts.markdown, "w") as fh:
-            fh.write(text)
+    report(title, table(rows), opts.markdown)
 
 
 if __name__ == "__main__":
