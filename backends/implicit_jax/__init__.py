@@ -151,8 +151,7 @@ class JaxBackend(Backend):
             z0, args, consts = jax.lax.stop_gradient((z0, args, consts))
             result = forward(bind(args, consts), z0)
             solver[:] = [result.solver]
-            info = tuple(getattr(result.info, f) for f in _INFO_FIELDS) + (result.info.trace,)
-            return (result.z, info), result
+            return (result.z, result.info), result  # SolveInfo is a registered pytree
 
         @jax.custom_vjp
         def implicit(z0: Any, args: Any, consts: Any) -> tuple[Any, Any]:
@@ -205,13 +204,10 @@ class JaxBackend(Backend):
             return jax.numpy.zeros_like(z0), d_args, d_consts
 
         implicit.defvjp(implicit_fwd, implicit_bwd)
-        z_flat, arrays = implicit(z0, problem.args, consts)
-        fields = dict(zip(_INFO_FIELDS, arrays[:-1]))
-        trace = arrays[-1]
-        if trace is not None and self.is_concrete(trace):
+        z_flat, info = implicit(z0, problem.args, consts)
+        if info.trace is not None and self.is_concrete(info.trace):
             # The loop ran max(steps) iterations: drop the unused rows, as eager backends do.
-            trace = trace[: int(fields["steps"].max()) + 1]
-        info = SolveInfo(**fields, trace=trace, solver=solver[0].name, to_python=self.to_python)
+            info.trace = info.trace[: int(info.steps.max()) + 1]
         info_box.append(info)
 
         def vjp(g: Any) -> Any:
@@ -228,19 +224,13 @@ class JaxBackend(Backend):
 
         if on_fail == "ignore":
             return
-        arrays = tuple(getattr(info, f) for f in _INFO_FIELDS)
-        if all(self.is_concrete(a) for a in arrays):
+        if all(self.is_concrete(getattr(info, f)) for f in _INFO_FIELDS):
             report(info, on_fail, stage)
             return
         import jax
 
-        solver = info.solver
-
-        def on_host(*values: Any) -> None:
-            host = SolveInfo(**dict(zip(_INFO_FIELDS, values)), solver=solver, to_python=self.to_python)
-            report(host, on_fail, stage)
-
-        jax.debug.callback(on_host, *arrays)
+        # The callback receives the SolveInfo pytree with host arrays in place of tracers.
+        jax.debug.callback(lambda host: report(host, on_fail, stage), info)
 
 
 @functools.lru_cache(maxsize=1)

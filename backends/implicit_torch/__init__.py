@@ -58,11 +58,11 @@ class TorchBackend(Backend):
 
         return torch.no_grad()
 
-    def _graph(self, problem, z: Any) -> tuple[Any, Any]:
+    def _graph(self, problem, z: Any, differentiable_in_z: bool = True) -> tuple[Any, Any]:
         """``F`` re-evaluated at a detached ``z`` with autograd recording."""
         import torch
 
-        z_in = z.detach().requires_grad_(True)
+        z_in = z.detach().requires_grad_(differentiable_in_z)
         with torch.enable_grad():
             out = problem.F(z_in)
         return z_in, out
@@ -99,9 +99,7 @@ class TorchBackend(Backend):
         # parameters, and the estimator's J^T v products reuse it. Recording it at forward
         # time keeps the backward consistent with the parameters of this call (e.g. under
         # torch.func.functional_call) and saves re-evaluating F in the backward.
-        z_in = z_star.detach().requires_grad_(with_jacobian)
-        with torch.enable_grad():
-            out = problem.F(z_in)
+        z_in, out = self._graph(problem, z_star, differentiable_in_z=with_jacobian)
         if not _reaches_other_leaves(out, z_in):
             return problem.unflatten(z_star), None
 
