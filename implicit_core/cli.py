@@ -6,7 +6,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from ._registry import plugins
+from ._errors import ImplicitError
+from ._registry import REGISTRY, available_backends, plugins
+
+#: ``demo``'s default backend: the first of these that is available here.
+DEMO_BACKENDS = ("torch", "jax", "numpy")
 
 
 def _rows() -> list[tuple[str, str, str, str, str]]:
@@ -47,12 +51,90 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_backend() -> str:
+    available = available_backends()
+    return next((b for b in DEMO_BACKENDS if b in available), "numpy")
+
+
+def _check_names(kind: str, names: Sequence[str]) -> None:
+    """Unknown or unavailable names fail before any work, listing what exists."""
+    for name in names:
+        plugin = REGISTRY.get(kind, name)  # UnknownPluginError names the available ones
+        if kind == "backend":
+            ok, reason = plugin.available()
+            if not ok:
+                from ._errors import BackendUnavailableError
+
+                raise BackendUnavailableError(
+                    f"backend {name!r} is unavailable here: {reason}. Available: {', '.join(available_backends())}"
+                )
+
+
+def _demo_config(args: argparse.Namespace, **override):
+    from implicit_demo.model import DemoConfig
+
+    fields = {k: getattr(args, k) for k in ("solver", "gradient", "epochs", "seed", "hidden") if getattr(args, k) is not None}
+    fields.update(override)
+    return DemoConfig(**fields)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from implicit_demo.demo import run_demo
+
+    backend = args.backend or _default_backend()
+    _check_names("backend", [backend])
+    config = _demo_config(args, backend=backend)
+    from ._api import resolve_plugins
+
+    resolve_plugins(config.solver, config.gradient)  # typed errors for bad names / pairs, before training
+    run_demo(config, out=args.out, show_progress=not args.quiet)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from implicit_demo.bench import GRADIENTS, run_bench
+
+    backends = args.backends.split(",") if args.backends else [b for b in (*DEMO_BACKENDS, "cupy") if b in available_backends()]
+    gradients = args.gradients.split(",") if args.gradients else list(GRADIENTS)
+    _check_names("backend", backends)
+    _check_names("gradient", gradients)
+    config = _demo_config(args, solver=args.solver or "broyden")
+    from ._api import resolve_plugins
+
+    for gradient in gradients:
+        resolve_plugins(config.solver, gradient)
+    run_bench(backends, gradients, config, out=args.out, show_progress=not args.quiet)
+    return 0
+
+
+def _training_options(p: argparse.ArgumentParser, epochs_help: str) -> None:
+    p.add_argument("--solver", help="forward solver (see `implicit-core plugins`)")
+    p.add_argument("--epochs", type=int, help=epochs_help)
+    p.add_argument("--seed", type=int, help="data split, initialisation and batch order (default 0)")
+    p.add_argument("--hidden", type=int, help="width of the implicit layer (default 64)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="implicit-core", description="Implicit layers on every array framework.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="list backends, solvers and gradient estimators and where they come from")
     p.add_argument("--plain", action="store_true", help="plain text even on a terminal")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("demo", help="train a DEQ classifier on scikit-learn's digits and plot its training curves")
+    p.add_argument("--backend", help=f"array framework (default: the first available of {', '.join(DEMO_BACKENDS)})")
+    p.add_argument("--gradient", help="gradient estimator (default ift)")
+    _training_options(p, "training epochs (default 12)")
+    p.add_argument("--out", default="implicit-core-demo", help="folder for the JSON summary and the PNG")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="every gradient estimator x every available backend on the digits DEQ")
+    p.add_argument("--backends", help="comma-separated (default: every available backend)")
+    p.add_argument("--gradients", help="comma-separated (default: ift,jfb,phantom,shine,broyden_reuse)")
+    _training_options(p, "training epochs per run (default 12)")
+    p.add_argument("--out", default="implicit-core-bench", help="folder for bench.csv, bench.md and bench.png")
+    p.set_defaults(func=cmd_bench, gradient=None)
     return parser
 
 
@@ -61,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except ImplicitError as exc:  # bad names, unavailable backends, missing extras: one line, no traceback
+        print(f"implicit-core {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stderr.close()
         return 0

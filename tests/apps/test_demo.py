@@ -1,0 +1,102 @@
+"""``implicit-core demo`` and ``bench``: they train, reach their accuracy, and write their files."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from implicit_core.cli import main
+from implicit_demo.bench import GRADIENTS, run_bench
+from implicit_demo.data import batches, load_digits
+from implicit_demo.demo import run_demo
+from implicit_demo.model import DemoConfig
+
+from helpers import BACKENDS, backend_or_skip
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    backend_or_skip(request.param)
+    return request.param
+
+
+def test_demo_defaults_reach_95_percent(backend, tmp_path):
+    result = run_demo(DemoConfig(backend=backend), out=tmp_path, show_progress=False, echo=lambda *_: None)
+    assert result.test_accuracy >= 0.95
+    assert all(r.converged == 1.0 for r in result.history)  # the cell stays contractive while training
+    summary = json.loads((tmp_path / f"demo_{backend}.json").read_text())
+    assert summary["test_accuracy"] == result.test_accuracy and len(summary["history"]) == 12
+    assert summary["forward_s"] > 0 and summary["backward_s"] > 0
+    assert (tmp_path / f"demo_{backend}.png").stat().st_size > 10_000
+
+
+def test_every_backend_trains_the_same_model():
+    """Same seed, same initialisation and batches: NumPy and the frameworks agree step for step."""
+    from implicit_demo.model import make_trainer
+
+    data = load_digits(0)
+    losses = {}
+    for name in BACKENDS:
+        if not __import__("implicit_core").get_backend(name).available()[0]:
+            continue
+        trainer = make_trainer(DemoConfig(backend=name, tol=1e-6, max_iter=80), data)
+        rng = np.random.default_rng(0)
+        losses[name] = [trainer.train_step(idx).loss for idx in batches(len(data.y_train), 64, rng)[:5]]
+    reference = losses.pop("numpy")
+    for name, values in losses.items():
+        np.testing.assert_allclose(values, reference, rtol=2e-4, err_msg=name)
+
+
+def test_bench_writes_a_row_per_estimator_and_backend(tmp_path):
+    backends = [b for b in BACKENDS if __import__("implicit_core").get_backend(b).available()[0]]
+    rows = run_bench(backends, base=DemoConfig(solver="broyden", epochs=1), out=tmp_path,
+                     show_progress=False, echo=lambda *_: None)
+    with (tmp_path / "bench.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert {(r["backend"], r["gradient"]) for r in table} == {(b, g) for b in backends for g in GRADIENTS}
+    assert len(table) == len(rows) == len(backends) * len(GRADIENTS)
+    by = {(r["backend"], r["gradient"]): r for r in rows}
+    for b in backends:
+        assert by[b, "ift"]["cosine_to_ift"] > 0.999  # the same estimator, looser tolerance
+        assert by[b, "phantom"]["cosine_to_ift"] > 0.99
+        assert 0.5 < by[b, "jfb"]["cosine_to_ift"] < 0.9999  # approximate, but a descent direction
+        assert all(by[b, g]["test_accuracy"] > 0.7 for g in GRADIENTS)  # one epoch: chance is 0.1
+        assert by[b, "jfb"]["backward_s"] < by[b, "ift"]["backward_s"]
+    assert "| numpy | shine |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_cli_demo_runs_and_writes_its_files(tmp_path, capsys):
+    assert main(["demo", "--backend", "numpy", "--epochs", "2", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "forward / backward" in out
+    assert (tmp_path / "demo_numpy.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["demo", "--backend", "nump"], ["unknown backend 'nump'", "Did you mean 'numpy'", "Available:", "torch"]),
+        (["demo", "--backend", "numpy", "--gradient", "shin"], ["unknown gradient estimator 'shin'", "broyden_reuse, ift"]),
+        (["demo", "--backend", "numpy", "--solver", "anders"], ["unknown solver", "Did you mean 'anderson'"]),
+        (["demo", "--backend", "numpy", "--gradient", "shine"], ["solver 'anderson' keeps none", "broyden"]),
+        (["bench", "--backends", "numpy,tensorflow"], ["unknown backend 'tensorflow'", "numpy"]),
+        (["bench", "--gradients", "ift,jbf"], ["unknown gradient estimator 'jbf'", "Did you mean 'jfb'"]),
+    ],
+)
+def test_cli_rejects_unknown_names_listing_the_available_ones(argv, expected, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1  # one line, no traceback
+    for text in expected:
+        assert text in err
+
+
+def test_cli_reports_an_unavailable_backend(capsys):
+    import implicit_core as ic
+
+    if ic.get_backend("cupy").available()[0]:
+        pytest.skip("CuPy is available here")
+    assert main(["demo", "--backend", "cupy"]) == 2
+    assert "backend 'cupy' is unavailable here" in capsys.readouterr().err
