@@ -91,9 +91,12 @@ def root(
 ) -> tuple[Any, SolveInfo]:
     """Solve ``g(z*, args) = 0`` per sample; same options and result as :func:`fixed_point`.
 
-    Internally the fixed-point map is ``F(z) = z + g(z)``, so ``dL/dargs = -g_L^T (dg/dz)^-1
-    dg/dargs`` comes out of the same estimators. The default solver is Broyden's method,
-    which does not need ``F`` to be contractive.
+    Internally the fixed-point map is ``F(z) = z - g(z)``, so ``dL/dargs = -g_L^T (dg/dz)^-1
+    dg/dargs`` comes out of the same estimators; a fixed-point problem ``f`` is the root
+    problem ``g(z) = z - f(z)``. With ``g = ∇φ`` of a convex ``φ`` (optimality conditions),
+    ``F`` is a gradient-descent step, and ``jfb`` is the Jacobian-free hypergradient
+    ``-g_L^T dg/dargs``. The default solver is Broyden's method, which does not need ``F`` to
+    be contractive.
     """
     return _run(ROOT, g, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, options)
 

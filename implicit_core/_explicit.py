@@ -37,7 +37,7 @@ class ExplicitVJPBackend(Backend):
             v_z, _ = self._call_vjp(problem, z_tree, v)
             problem.check_output(v_z, what="vjp(z, args, v)[0]")
             flat = problem.flatten(v_z)
-            return v + flat if problem.form == ROOT else flat
+            return v - flat if problem.form == ROOT else flat  # J_F = I - ∂g/∂z
 
         return JT
 
@@ -50,6 +50,7 @@ class ExplicitVJPBackend(Backend):
             """``dL/dargs`` for the cotangent ``g = dL/dz*`` (same structure as ``z*``)."""
             problem.check_output(g, what="the cotangent g passed to info.vjp")
             u = backward(problem.flatten(g))
-            return self._call_vjp(problem, z_tree, u)[1]
+            # dL/dargs = uᵀ ∂F/∂args; for root problems F = z - g, so it is (-u)ᵀ ∂g/∂args
+            return self._call_vjp(problem, z_tree, -u if problem.form == ROOT else u)[1]
 
         return z_tree, vjp

@@ -115,11 +115,19 @@ class Problem:
         return out
 
     def F(self, z: Any) -> Any:
-        """The fixed-point map on flat arrays: ``f(z)``, or ``z + g(z)`` for root problems."""
+        """The fixed-point map on flat arrays: ``f(z)``, or ``z - g(z)`` for root problems.
+
+        ``z - g`` (not ``z + g``) because root problems mostly come from optimality conditions,
+        ``g = ∇φ`` with a positive-definite Jacobian: then fixed-point iteration is gradient
+        descent, Broyden's initial inverse estimate (``-I`` for ``F(z) - z = -g``) means
+        ``∂g/∂z ≈ I``, and JFB becomes the Jacobian-free hypergradient ``-gᵀ ∂g/∂args``.
+        A fixed-point problem ``f`` is the root problem ``g(z) = z - f(z)`` (optimistix's
+        convention too).
+        """
         if self.flat_fn is not None:
             return self.flat_fn(z)
         out = self.flatten(self.call_user(self.unflatten(z)))
-        return z + out if self.form == ROOT else out
+        return z - out if self.form == ROOT else out
 
     def check_output(self, out: Any, what: str) -> None:
         be, lay = self.backend, self.layout

@@ -140,7 +140,7 @@ def test_best_iterate_is_returned(be):
 
 def test_root_form_matches_fixed_point_form(be):
     case = tanh_case(be)
-    g = lambda z, a: case.f(z, a) - z  # noqa: E731
+    g = lambda z, a: z - case.f(z, a)  # noqa: E731
     z_fp, _ = ic.fixed_point(case.f, case.z0, case.args, tol=1e-10, max_iter=100)
     for solver in SOLVERS:
         z_root, info = ic.root(g, case.z0, case.args, solver=solver, tol=1e-10, max_iter=200)
