@@ -26,3 +26,49 @@ def test_jax_equinox_example_trains():
     pytest.importorskip("optax")
     accuracy = load("jax_equinox_deq").main(steps=60, batch=64, verbose=False)
     assert accuracy > 0.75  # 10 classes: chance is 0.1; 300 steps reach about 0.92
+
+
+def test_torch_example_trains():
+    import pytest
+
+    pytest.importorskip("torch")
+    accuracy = load("torch_deq").main(epochs=3, verbose=False)
+    assert accuracy > 0.85  # 10 epochs reach about 0.96
+
+
+def test_hyperparameter_example_lowers_the_validation_loss_with_every_method(tmp_path):
+    module = load("hyperparameter_optimisation")
+    results = module.main(steps=8, out=tmp_path, verbose=False)
+    assert set(results) == {"ift", "shine", "jfb"}
+    for method, h in results.items():
+        losses = h["val_loss"]
+        assert losses[-1] < 0.8 * losses[0], method  # λ = 1 over-regularises: the outer loop lowers it
+        assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:])), method
+        assert h["log_lambda"][-1] < 0
+    assert (tmp_path / "hyperparameter_optimisation.png").stat().st_size > 10_000
+
+
+def test_custom_solver_plugin_installs_and_registers_like_a_third_party(tmp_path):
+    """pip installs the example package; a fresh interpreter discovers its solver by entry point."""
+    import os
+    import subprocess
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                    str(EXAMPLES / "custom_solver_plugin")], check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    listing = subprocess.run([sys.executable, "-m", "implicit_core.cli", "plugins", "--plain"], env=env,
+                             capture_output=True, text=True, check=True).stdout
+    row = next(line.split() for line in listing.splitlines() if " halpern " in f" {line} ")
+    assert row[:4] == ["solver", "halpern", "implicit-halpern", "available"]
+    script = (
+        "import numpy as np, implicit_core as ic\n"
+        "A = np.array([[0.0, -1.0], [1.0, 0.0]])\n"  # a rotation: nonexpansive, fixed-point iteration cycles
+        "f = lambda z, a: z @ A.T\n"
+        "z0 = np.array([[1.0, 0.5]])\n"
+        "z, info = ic.fixed_point(f, z0, solver='halpern', tol=1e-3, max_iter=5000)\n"
+        "_, plain = ic.fixed_point(f, z0, solver='fixed_point', tol=1e-3, max_iter=5000, on_fail='ignore')\n"
+        "print(bool(info.converged[0]), bool(plain.converged[0]), float(np.abs(z).max()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["True", "False"] and float(out[2]) < 1e-2  # Halpern reaches the fixed point 0
