@@ -70,7 +70,7 @@ def exact_ift_grad_W(ref, device):
 def ours(cell, solver, mode):
     options = {}
     if mode == "ift":
-        options["gradient"] = get_gradient("ift", solver=solver, tol=TOL, max_iter=MAX_ITER)
+        options["gradient"] = get_gradient("ift", solver=solver, tol=TOL, max_iter=MAX_ITER, stop_mode="abs")  # as TorchDEQ's b_stop_mode
     elif mode == "phantom":
         options["gradient"] = get_gradient("phantom", k=PHANTOM_K, lam=PHANTOM_LAM)
     else:

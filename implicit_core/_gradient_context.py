@@ -58,8 +58,15 @@ class BackwardContext:
         tol: float | None = None,
         max_iter: int | None = None,
         on_fail: str | None = None,
+        stop_mode: str = "rel",
     ) -> Any:
-        """Solve ``u = g + J^T u`` from ``u0``; the outcome is reported in ``info.backward``."""
+        """Solve ``u = g + J^T u`` from ``u0``; the outcome is reported in ``info.backward``.
+
+        The default ``stop_mode="rel"`` stops a sample when ``||g + Jᵀu - u|| <= tol ·
+        ||g + Jᵀu||``: ``u`` is linear in ``g``, so the gradient's accuracy must not depend on
+        how the loss is scaled (a mean over a batch of 256 makes every sample's ``g`` 256×
+        smaller, and an absolute ``tol`` would then stop the adjoint solve almost at once).
+        """
         g = self.g
         adjoint = Problem.on_flat(self.problem.backend, g, lambda u: g + self.JT(u))
         result = solve(
@@ -68,7 +75,7 @@ class BackwardContext:
             u0,
             tol=self.tol if tol is None else tol,
             max_iter=self.max_iter if max_iter is None else max_iter,
-            stop_mode=self.stop_mode,
+            stop_mode=stop_mode,
             divergence=1e6,
         )
         self.backward_info = result.info

@@ -117,6 +117,14 @@ def check_range(owner: str, key: str, value: Any, low: float, high: float, *, lo
     return float(value)
 
 
+def check_choice(owner: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        from ._errors import did_you_mean
+
+        raise ConfigurationError(f"{owner}: {key} must be one of {choices}, got {value!r}.{did_you_mean(str(value), choices)}")
+    return value
+
+
 def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: Any, axis: int = 1) -> Any:
     """``buffer[:, slot] = value`` (``slot`` on ``axis``) for active samples only, in place where
     the backend allows."""

