@@ -21,7 +21,7 @@ from ._errors import (
 from ._gradient_context import BackwardContext
 from ._info import SolveInfo, check_on_fail
 from ._loop import STOP_MODES, SolveResult, solve
-from ._plugin_base import GradientEstimator, Solver
+from ._plugin_base import GradientEstimator, Solver, call_plugin, check_like
 from ._problem import FIXED_POINT, ROOT, Layout, Problem
 from ._registry import REGISTRY, _instantiate, solver_names_with_inverse
 
@@ -141,7 +141,7 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         def backward(g_flat: Any, lin: Any = None) -> Any:
             ctx = BackwardContext(p, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail, _lin=lin)
             try:
-                return chosen.estimate(ctx)
+                return check_like(chosen, "estimate()", call_plugin(chosen, "estimate", ctx), g_flat)
             finally:  # also when the backward solve raised: info says what happened
                 if info is not None:
                     info.backward = ctx.backward_info

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._info import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, RUNNING, SolveInfo
 from ._ops import bnorm, select
-from ._plugin_base import Solver
+from ._plugin_base import Solver, call_plugin, check_solver_state
 from ._problem import Problem
 
 STOP_MODES = ("abs", "rel")
@@ -54,7 +54,7 @@ def solve(
         a, r = residuals(problem, state["z"], state["fz"])
         return (a if stop_mode == "abs" else r), a, r
 
-    state = solver.init(problem, z0)
+    state = check_solver_state(solver, "init", call_plugin(solver, "init", problem, z0), z0)
     res, res_abs, res_rel = measure(state)
     finite = xp.isfinite(res)
     int_dtype = xp.int32
@@ -83,7 +83,7 @@ def solve(
 
     def body(c: dict[str, Any]) -> dict[str, Any]:
         active = c["status"] == RUNNING
-        new = solver.step(problem, c["state"], c["k"], active)
+        new = check_solver_state(solver, "step", call_plugin(solver, "step", problem, c["state"], c["k"], active), z0)
         res, res_abs, res_rel = measure(new)
         finite = res < _INF  # a norm: False exactly for NaN and Inf, in one kernel
         accept = active & finite

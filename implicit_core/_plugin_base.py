@@ -12,7 +12,7 @@ import abc
 import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, ImplicitError, PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._gradient_context import BackwardContext
@@ -135,3 +135,46 @@ def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: An
     old = buffer[index]
     mask = xp.reshape(active, (active.shape[0],) + (1,) * (value.ndim - 1))
     return problem.backend.at_set(buffer, index, xp.where(mask, value, old))
+
+
+def call_plugin(plugin: Any, method: str, *args: Any) -> Any:
+    """``plugin.method(*args)``; a bug in the plugin becomes a :class:`PluginError` naming it.
+
+    The library's own typed errors (the user's function failing, bad shapes) pass through
+    unchanged: only what the plugin's code raised by itself is attributed to the plugin.
+    """
+    try:
+        return getattr(plugin, method)(*args)
+    except ImplicitError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"{_describe(plugin)} raised {type(exc).__name__} in {method}(): {exc}. "
+            "This is a bug in that plugin; other solvers and estimators are unaffected."
+        ) from exc
+
+
+def check_solver_state(solver: Any, method: str, state: Any, like: Any) -> Any:
+    """A solver's state must be a dict with ``z`` and ``fz`` shaped and typed like the iterate."""
+    if not isinstance(state, dict) or "z" not in state or "fz" not in state:
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise PluginError(f"{_describe(solver)}: {method}() must return a dict with 'z' and 'fz', got {got}")
+    for key in ("z", "fz"):
+        check_like(solver, f"{method}()[{key!r}]", state[key], like)
+    return state
+
+
+def check_like(plugin: Any, what: str, value: Any, like: Any) -> Any:
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or tuple(shape) != tuple(like.shape) or dtype != like.dtype:
+        found = f"shape {tuple(shape)} and dtype {dtype}" if shape is not None else f"a {type(value).__name__}"
+        raise PluginError(
+            f"{_describe(plugin)}: {what} has {found}; expected shape {tuple(like.shape)} and dtype "
+            f"{like.dtype} (flat (batch, n), the solve's dtype)"
+        )
+    return value
+
+
+def _describe(plugin: Any) -> str:
+    kind = "solver" if isinstance(plugin, Solver) else "gradient estimator"
+    return f"{kind} {getattr(plugin, 'name', '?')!r} ({type(plugin).__module__}.{type(plugin).__qualname__})"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ._backend import Backend
-from ._errors import BackendMismatchError, DeviceMismatchError, DTypeError, ShapeError, UserFunctionError
+from ._errors import BackendMismatchError, DeviceMismatchError, DTypeError, ImplicitError, ShapeError, UserFunctionError
 
 FIXED_POINT = "fixed_point"
 ROOT = "root"
@@ -100,7 +100,12 @@ class Problem:
     def call_user(self, z_tree: Any) -> Any:
         """The user's function on the state structure, with its output checked once."""
         if self._checked:
-            return self.fn(z_tree, self.args)
+            try:
+                return self.fn(z_tree, self.args)
+            except ImplicitError:
+                raise
+            except Exception as exc:  # so that a plugin is never blamed for the user's function
+                raise self.user_error(exc) from exc
         what = "f(z0)" if self.form == FIXED_POINT else "g(z0)"
         try:
             out = self.fn(z_tree, self.args)
@@ -113,6 +118,11 @@ class Problem:
         self.check_output(out, what=what)
         self._checked = True
         return out
+
+    def user_error(self, exc: Exception) -> UserFunctionError:
+        """The typed error for an exception the user's function raised inside the solve."""
+        kind = "f" if self.form == FIXED_POINT else "g"
+        return UserFunctionError(f"{kind}(z, args) raised {type(exc).__name__} during the solve: {exc}")
 
     def F(self, z: Any) -> Any:
         """The fixed-point map on flat arrays: ``f(z)``, or ``z - g(z)`` for root problems.

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-from implicit_core import Backend, SolveInfo, hookimpl
+from implicit_core import Backend, ImplicitError, SolveInfo, hookimpl
 from implicit_core._loop import SolveResult
 
 def exact_ift() -> Any:
@@ -137,7 +137,12 @@ class JaxBackend(Backend):
         # One checked call first: the user's errors and wrong outputs become typed errors
         # before anything is traced for the loop.
         problem.call_user(problem.unflatten(z0))
-        fn_conv, consts = jax.closure_convert(problem.fn, problem.unflatten(z0), problem.args)
+        try:  # traces the user's function once more: its errors are the user's, typed as such
+            fn_conv, consts = jax.closure_convert(problem.fn, problem.unflatten(z0), problem.args)
+        except ImplicitError:
+            raise
+        except Exception as exc:
+            raise problem.user_error(exc) from exc
         solver: list[Any] = []  # the solver object, static: recorded while tracing the primal
         info_box: list[Any] = []  # the SolveInfo, once built: eager backward passes report into it
 

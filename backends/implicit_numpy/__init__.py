@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 import array_api_compat
 from array_api_compat import numpy as xp_numpy
@@ -21,6 +23,12 @@ class NumpyBackend(ExplicitVJPBackend):
 
     def namespace(self) -> Any:
         return xp_numpy
+
+    def while_loop(self, cond: Callable[[Any], Any], body: Callable[[Any], Any], carry: Any) -> Any:
+        # The loop detects non-finite values and reports them per sample; NumPy's floating-point
+        # warnings about the same values (one per kernel) would only bury that report.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return super().while_loop(cond, body, carry)
 
 
 @hookimpl
