@@ -38,6 +38,20 @@ BAD_SETTINGS = [
     (dict(vjp=42), ic.ConfigurationError, "vjp must be a callable"),
     (dict(f=None), ic.ConfigurationError, "must be callable"),
     (dict(backend="numpyy"), ic.UnknownPluginError, "Did you mean 'numpy'"),
+    (dict(solver="broyden", m=0), ic.ConfigurationError, "broyden: m must be an integer >= 1"),
+    (dict(solver="anderson", m=2.5), ic.ConfigurationError, "anderson: m must be an integer"),
+    (dict(solver="anderson", lam=-1.0), ic.ConfigurationError, "lam must be"),
+    (dict(gradient="phantom", k=-1), ic.ConfigurationError, "phantom: k must be an integer >= 0"),
+    (dict(solver="fixed_point", gradient="phantom", lam=0.0), ic.ConfigurationError, "phantom: lam must be a number in \\(0"),
+    (dict(solver="anderson", gradient="phantom", lam=0.5), ic.ConfigurationError, "accepted by both the solver and the gradient"),
+    (dict(solver="anderson", gradient="broyden_reuse"), ic.ConfigurationError, "Use one of: broyden"),
+    (dict(solver="broyden", gradient="shine", refin=2), ic.ConfigurationError, "unknown option 'refin'.*Did you mean 'refine'"),
+    (dict(solver="broyden", gradient="shine", fallback=-1.0), ic.ConfigurationError, "fallback"),
+    (dict(gradient=ic.get_gradient("ift"), tol_backward=1.0), ic.ConfigurationError, "unknown option 'tol_backward'"),
+    (dict(tol=float("inf")), ic.ConfigurationError, "tol must be a finite number"),
+    (dict(max_iter=True), ic.ConfigurationError, "max_iter must be an integer"),
+    (dict(gradient=3), ic.ConfigurationError, "GradientEstimator instance"),
+    (dict(divergence="big"), ic.ConfigurationError, "divergence must be"),
 ]
 
 
@@ -66,6 +80,13 @@ def test_bad_states(be, case):
         (dict(f=lambda z, a: case.f(z, a).tolist()), ic.ShapeError, "structure|has shape"),
         (dict(args=(case.args[0], case.args[1] * float("inf"))), ic.NonFiniteError, "args contains"),
         (dict(z0=[[0.0] * 8] * 5), ic.BackendMismatchError, "no registered backend handles"),
+        (dict(z0=xp.zeros((5, 8), dtype=xp.bool)), ic.DTypeError, "real floating"),
+        (dict(z0=xp.zeros((8,), dtype=z0.dtype) + 1), ic.ShapeError, "expected \\(8,\\).*onto itself"),
+        (dict(z0=xp.full((5, 8), float("inf"), dtype=z0.dtype)), ic.NonFiniteError, "NaN or Inf"),
+        (dict(args=(case.args[0] * float("nan"), case.args[1])), ic.NonFiniteError, "args contains"),
+        (dict(f=lambda z, a: 1 / 0), ic.UserFunctionError, "f\\(z0\\) raised ZeroDivisionError"),
+        (dict(f=lambda z, a: None), ic.ImplicitError, "gave a builtins.NoneType|structure with 0 array"),
+        (dict(f=lambda z, a: xp.astype(case.f(z, a) * 10, xp.int64)), ic.DTypeError, "dtype"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
@@ -106,6 +127,12 @@ def test_mixed_array_libraries(be, case):
         run(case, z0=(case.z0, other))
     with pytest.raises(ic.BackendMismatchError, match="but the backend is"):
         run(case, z0=other, backend=be.name)
+    with pytest.raises(ic.ImplicitError, match="backend|array"):
+        run(case, f=lambda z, a: other * 0 + 1)  # f answers in another library's arrays
+    if be.name == "torch":  # torch and JAX arrays in one call
+        jnp = pytest.importorskip("jax.numpy")
+        with pytest.raises(ic.BackendMismatchError, match="one array library"):
+            run(case, args=(case.args[0], jnp.zeros((5, 8))))
 
 
 def test_unavailable_backend_says_why():
