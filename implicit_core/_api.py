@@ -10,7 +10,6 @@ import array_api_compat
 from ._backend import Backend
 from ._errors import (
     BackendMismatchError,
-    BackendUnavailableError,
     ConfigurationError,
     DeviceMismatchError,
     DTypeError,
@@ -23,7 +22,7 @@ from ._info import SolveInfo, check_on_fail
 from ._loop import STOP_MODES, SolveResult, solve
 from ._plugin_base import GradientEstimator, Solver, call_plugin, check_like
 from ._problem import FIXED_POINT, ROOT, Layout, Problem
-from ._registry import REGISTRY, _instantiate, solver_names_with_inverse
+from ._registry import REGISTRY, _instantiate, require_available, solver_names_with_inverse
 
 #: Options every solve understands, besides those routed to the solver or estimator.
 CALL_OPTIONS = ("vjp", "trace", "divergence")
@@ -274,9 +273,7 @@ def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
                 "convert every leaf of the state to one array library."
             )
         be = next(iter(found.values()))
-    ok, reason = be.available()
-    if not ok:
-        raise BackendUnavailableError(f"backend {be.name!r} is unavailable: {reason}")
+    require_available(be)
     for leaf in be.tree_flatten(z0)[0]:
         owner = _owner(leaf, backends)
         if owner is not be:

@@ -30,7 +30,7 @@ import pluggy
 
 from . import hookspecs
 from ._backend import Backend
-from ._errors import ConfigurationError, PluginError, PluginWarning, UnknownPluginError, did_you_mean
+from ._errors import BackendUnavailableError, ConfigurationError, PluginError, PluginWarning, UnknownPluginError, did_you_mean
 from ._plugin_base import GradientEstimator, Solver
 
 BUILTIN_DIST = "implicit-core"
@@ -310,6 +310,16 @@ def get_backend(name: str) -> Backend:
 
 def available_backends() -> list[str]:
     return [b.name for b in REGISTRY.backends() if _safe_available(b)[0]]
+
+
+def require_available(backend: Backend) -> Backend:
+    """``backend`` itself, or ``BackendUnavailableError`` saying why not and what can be used."""
+    ok, reason = _safe_available(backend)
+    if not ok:
+        raise BackendUnavailableError(
+            f"backend {backend.name!r} is unavailable here: {reason}. Available: {', '.join(available_backends())}"
+        )
+    return backend
 
 
 def solver_names_with_inverse() -> list[str]:

@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from ._errors import ImplicitError
-from ._registry import REGISTRY, available_backends, plugins
+from ._registry import REGISTRY, available_backends, plugins, require_available
 
 #: ``demo``'s default backend: the first of these that is available here.
 DEMO_BACKENDS = ("torch", "jax", "numpy")
@@ -61,13 +61,7 @@ def _check_names(kind: str, names: Sequence[str]) -> None:
     for name in names:
         plugin = REGISTRY.get(kind, name)  # UnknownPluginError names the available ones
         if kind == "backend":
-            ok, reason = plugin.available()
-            if not ok:
-                from ._errors import BackendUnavailableError
-
-                raise BackendUnavailableError(
-                    f"backend {name!r} is unavailable here: {reason}. Available: {', '.join(available_backends())}"
-                )
+            require_available(plugin)
 
 
 def _demo_config(args: argparse.Namespace, **override):

@@ -33,7 +33,6 @@ class ArrayTrainer(Trainer):
         super().__init__(config, data)
         self.backend = ic.get_backend(config.backend)
         xp = self.xp = self.backend.namespace()
-        self._asarray = xp.asarray
         self.x_train, self.x_test = xp.asarray(data.x_train), xp.asarray(data.x_test)
         eye = np.eye(data.n_classes, dtype=np.float32)
         self.onehot_train, self.y_test = xp.asarray(eye[data.y_train]), xp.asarray(data.y_test)
@@ -67,7 +66,8 @@ class ArrayTrainer(Trainer):
                 "V": dlogits.T @ z, "c": xp.sum(dlogits, axis=0)}
 
     def _loss_and_grads(self, idx: np.ndarray, **solve: Any):
-        x, onehot = self.x_train[self._asarray(idx)], self.onehot_train[self._asarray(idx)]
+        i = self.xp.asarray(idx)
+        x, onehot = self.x_train[i], self.onehot_train[i]
 
         def forward():
             z, info, logits = self._forward(x, **solve)
@@ -82,15 +82,16 @@ class ArrayTrainer(Trainer):
     def train_step(self, idx: np.ndarray) -> StepStats:
         grads, info, loss, correct, t_fwd, t_bwd = self._loss_and_grads(idx)
         self.params, self.opt_state = self.adam.update(self.params, grads, self.opt_state)
-        steps = self.xp.astype(info.steps, self.xp.float32)
-        return StepStats(loss, correct, float(self.xp.mean(steps)), float(self.xp.mean(self.xp.astype(info.converged, self.xp.float32))), t_fwd, t_bwd)
+        return StepStats(loss, correct, self._mean(info.steps), self._mean(info.converged), t_fwd, t_bwd)
 
     def evaluate(self) -> Evaluation:
-        xp = self.xp
         _, info, logits = self._forward(self.x_test)
-        accuracy = xp.mean(xp.astype(xp.argmax(logits, axis=1) == self.y_test, xp.float32))
-        return Evaluation(float(accuracy), float(xp.mean(xp.astype(info.steps, xp.float32))),
-                          float(xp.mean(xp.astype(info.converged, xp.float32))))
+        return Evaluation(self._mean(self.xp.argmax(logits, axis=1) == self.y_test), self._mean(info.steps),
+                          self._mean(info.converged))
+
+    def _mean(self, x: Any) -> float:
+        """Mean of an integer or boolean array, as a Python float."""
+        return float(self.xp.mean(self.xp.astype(x, self.xp.float32)))
 
     def gradients(self, idx: np.ndarray, gradient: Any, tol: float, max_iter: int) -> list[np.ndarray]:
         grads = self._loss_and_grads(idx, gradient=gradient, tol=tol, max_iter=max_iter)[0]
