@@ -17,12 +17,21 @@ from ._errors import (
     ShapeError,
     did_you_mean,
 )
-from ._gradient_context import BackwardContext
+from ._gradient_context import BackwardContext, solve_tangent
 from ._info import SolveInfo, check_on_fail
 from ._loop import STOP_MODES, SolveResult, solve
 from ._plugin_base import GradientEstimator, Solver, call_plugin, check_like
 from ._problem import FIXED_POINT, ROOT, Layout, Problem
 from ._registry import REGISTRY, _instantiate, require_available, solver_names_with_inverse
+
+def linear_solver_for(form: str) -> str:
+    """The default solver of the linear systems around a solve (IFT's adjoint, JAX's tangent).
+
+    For a fixed point, ``J`` is contractive and Anderson converges; a root problem's ``F = z - g``
+    need not be (``J = I - dg/dz``), and Broyden, which does not need that, is used instead.
+    """
+    return "broyden" if form == ROOT else "anderson"
+
 
 #: Options every solve understands, besides those routed to the solver or estimator.
 CALL_OPTIONS = ("vjp", "trace", "divergence")
@@ -40,6 +49,7 @@ def fixed_point(
     stop_mode: str = "abs",
     on_fail: str = "warn",
     backend: str | None = None,
+    batched: bool = True,
     **options: Any,
 ) -> tuple[Any, SolveInfo]:
     """Solve ``z* = f(z*, args)`` per sample and make ``z*`` differentiable.
@@ -47,7 +57,14 @@ def fixed_point(
     The first axis of ``z0`` (every leaf, when the state is a tuple/pytree) is the batch;
     each sample is an independent system that stops on its own once
     ``||f(z) - z|| <= tol`` (``stop_mode="abs"``) or ``||f(z) - z|| / ||f(z)|| <= tol``
-    (``"rel"``). The lowest-residual iterate is returned.
+    (``"rel"``). The lowest-residual iterate is returned. Before returning, ``f`` is evaluated
+    once more on the whole returned batch and the residual reported is that *true* residual:
+    a sample that met ``tol`` only while its batch-mates were still moving (samples that read
+    each other) is reported as failed (status 5), never as converged.
+
+    With ``batched=False`` the whole state is one system (one residual, no per-sample
+    stopping): ``f`` sees ``z0`` as it is, without a batch axis, and ``info``'s arrays have
+    length 1. Use it for unbatched problems and under ``jax.vmap``.
 
     Gradients follow the implicit function theorem: for a loss ``L(z*)`` with ``g = dL/dz*``,
     ``dL/dargs = u^T df/dargs`` where ``u = g + J^T u`` and ``J = df/dz`` at ``z*``. The
@@ -63,6 +80,7 @@ def fixed_point(
         tol, max_iter, stop_mode: the stopping rule.
         on_fail: ``"warn"`` | ``"raise"`` | ``"ignore"`` when some samples do not converge.
         backend: force a backend by name; by default it is inferred from ``z0``.
+        batched: ``True``: the first axis is a batch of independent systems; ``False``: one system.
         **options: ``vjp=`` (backends without autodiff: ``vjp(z, args, v) -> (v_z, v_args)``),
             ``trace=True`` (residual history), ``divergence=`` (stop a sample whose residual
             grows by this factor; ``None`` disables), and options of the named solver or
@@ -71,7 +89,7 @@ def fixed_point(
     Returns:
         ``(z_star, info)``; ``info`` is a :class:`SolveInfo`.
     """
-    return _run(FIXED_POINT, f, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, options)
+    return _run(FIXED_POINT, f, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, batched, options)
 
 
 def root(
@@ -86,6 +104,7 @@ def root(
     stop_mode: str = "abs",
     on_fail: str = "warn",
     backend: str | None = None,
+    batched: bool = True,
     **options: Any,
 ) -> tuple[Any, SolveInfo]:
     """Solve ``g(z*, args) = 0`` per sample; same options and result as :func:`fixed_point`.
@@ -97,12 +116,14 @@ def root(
     ``-g_L^T dg/dargs``. The default solver is Broyden's method, which does not need ``F`` to
     be contractive.
     """
-    return _run(ROOT, g, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, options)
+    return _run(ROOT, g, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, batched, options)
 
 
-def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, options):
+def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, batched, options):
     if not callable(fn):
         raise ConfigurationError(f"the function to solve must be callable, got {type(fn).__name__}")
+    if not isinstance(batched, bool):
+        raise ConfigurationError(f"batched must be True or False, got {batched!r}")
     _check_stopping(tol, max_iter, stop_mode)
     check_on_fail(on_fail)
     options = dict(options)
@@ -120,8 +141,10 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         raise ConfigurationError(
             f"the {be.name!r} backend differentiates with its own autodiff: drop the vjp= option"
         )
-    problem = _build_problem(be, fn, z0, args, form, user_vjp)
-    z0_flat = be.stop_gradient(problem.flatten(z0))
+    problem = _build_problem(be, fn, z0, args, form, user_vjp, batched)
+    # A copy: the solution never shares memory with the caller's z0 (even when z0 already
+    # meets tol), and no solver can write into it.
+    z0_flat = be.xp.asarray(be.stop_gradient(problem.flatten(z0)), copy=True)
 
     def forward(p: Problem, z_init: Any) -> SolveResult:
         result = solve(
@@ -148,8 +171,16 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
 
         return backward
 
+    def make_tangent(p: Problem) -> Callable[[Any, Any], Any]:
+        def tangent(jvp: Any, b: Any) -> Any:
+            # The same solver and rule as IFT's default adjoint solve, to the forward's tol.
+            return solve_tangent(p, jvp, b, REGISTRY.get("solver", linear_solver_for(form))(), tol=tol,
+                                 max_iter=max_iter, on_fail=on_fail)
+
+        return tangent
+
     z_out, info = be.solve_implicit(
-        problem, z0_flat, forward, make_backward, with_jacobian=gradient_obj.uses_jacobian
+        problem, z0_flat, forward, make_backward, with_jacobian=gradient_obj.uses_jacobian, make_tangent=make_tangent
     )
     info.gradient = gradient_obj.name
     be.report(info, on_fail)
@@ -291,25 +322,37 @@ def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
     return be
 
 
-def _build_problem(be: Backend, fn: Callable, z0: Any, args: Any, form: str, user_vjp: Any) -> Problem:
+def _build_problem(
+    be: Backend, fn: Callable, z0: Any, args: Any, form: str, user_vjp: Any, batched: bool = True
+) -> Problem:
     xp = be.xp
     leaves, treedef = be.tree_flatten(z0)
     if not leaves:
         raise ShapeError("z0 is empty: pass an array (batch, ...) or a tuple/pytree of such arrays")
     for i, leaf in enumerate(leaves):
-        if not hasattr(leaf, "shape") or len(leaf.shape) < 1:
+        if not hasattr(leaf, "shape"):
+            raise ShapeError(f"state leaf {i} of z0 is a {type(leaf).__name__}, not an array")
+        if batched and len(leaf.shape) < 1:
             raise ShapeError(
                 f"state leaf {i} of z0 is a scalar: every leaf needs a leading batch axis "
-                "(reshape a single problem to (1, n))"
+                "(pass batched=False to solve one system, or reshape it to (1, n))"
             )
-    batch = int(leaves[0].shape[0])
-    if any(int(leaf.shape[0]) != batch for leaf in leaves):
+    if batched and all(len(leaf.shape) == 1 for leaf in leaves):
+        n = int(leaves[0].shape[0])
+        raise ShapeError(
+            f"z0 has shape ({n},): a 1-D state is ambiguous. Pass batched=False for one system of "
+            f"{n} unknowns, or z0[:, None] (shape ({n}, 1)) for {n} independent scalar systems."
+        )
+    batch = int(leaves[0].shape[0]) if batched else 1
+    if batched and any(int(leaf.shape[0]) != batch for leaf in leaves):
         raise ShapeError(
             f"the leaves of z0 disagree on the batch size ({[int(l.shape[0]) for l in leaves]}): "
-            "the first axis of every leaf is the batch"
+            "the first axis of every leaf is the batch (pass batched=False for one system)"
         )
     if batch == 0:
         raise ShapeError("z0 has batch size 0: pass at least one sample")
+    if not batched and sum(int(math.prod(leaf.shape)) for leaf in leaves) == 0:
+        raise ShapeError("z0 has no entries: pass a state with at least one unknown")
     dtype = leaves[0].dtype
     for i, leaf in enumerate(leaves):
         if not xp.isdtype(leaf.dtype, "real floating"):
@@ -338,9 +381,10 @@ def _build_problem(be: Backend, fn: Callable, z0: Any, args: Any, form: str, use
                 raise NonFiniteError("args contains NaN or Inf: the solve would only propagate them")
     layout = Layout(
         treedef=treedef,
-        shapes=[tuple(int(s) for s in leaf.shape[1:]) for leaf in leaves],
-        sizes=[int(math.prod(leaf.shape[1:])) for leaf in leaves],
+        shapes=[tuple(int(s) for s in leaf.shape[(1 if batched else 0):]) for leaf in leaves],
+        sizes=[int(math.prod(leaf.shape[(1 if batched else 0):])) for leaf in leaves],
         batch=batch,
+        batched=batched,
         dtype=dtype,
         device=device,
         # Half-precision states (float16, bfloat16): the function runs in the state's dtype,

@@ -171,13 +171,16 @@ class Backend(abc.ABC):
         forward: Callable[[Any, Any], Any],
         make_backward: Callable[[Any, Any, Any], Callable[..., Any]],
         with_jacobian: bool = True,
+        make_tangent: Callable[[Any], Callable[[Any, Any], Any]] | None = None,
     ) -> tuple[Any, Any]:
         """Run the forward solve and connect its solution to the framework's autodiff.
 
         ``forward(problem, z0) -> SolveResult``; ``make_backward(problem, result, info,
         estimator=None)`` gives the ``backward(g_flat, lin=None) -> u`` of :meth:`attach`
         (``info`` receives the backward solve's report, ``None`` where it cannot, e.g. inside a
-        trace; ``estimator`` overrides the user's choice, e.g. exact IFT for higher orders). The
+        trace; ``estimator`` overrides the user's choice, e.g. exact IFT for higher orders).
+        ``make_tangent(problem)`` gives ``tangent(jvp, b) -> v`` solving ``(I - J) v = b`` for
+        forward-mode derivatives (``jvp(v) = J v``), for frameworks that have forward mode. The
         default solves under :meth:`forward_context` and then calls :meth:`attach`; a
         functional framework (JAX) runs the solve inside its custom-derivative rule instead.
         Returns ``(solution in the state's structure, SolveInfo)``.

@@ -77,7 +77,22 @@ class BackwardContext:
             max_iter=self.max_iter if max_iter is None else max_iter,
             stop_mode=stop_mode,
             divergence=1e6,
+            verify=False,  # the forward's re-measurement already caught coupled samples
         )
         self.backward_info = result.info
         self.problem.backend.report(result.info, self.on_fail if on_fail is None else on_fail, stage="backward")
         return result.z
+
+
+def solve_tangent(
+    problem: Problem, jvp: Callable[[Any], Any], b: Any, solver: Solver, *, tol: float, max_iter: int, on_fail: str
+) -> Any:
+    """Solve ``(I - J) v = b``, i.e. ``v = b + J v``, for forward-mode derivatives of ``z*``.
+
+    ``jvp(v) = J v`` with ``J = dF/dz`` at ``z*``; ``b = dF/dargs · dargs``. The tangent
+    ``v = dz*`` is linear in ``b``, so it stops on the relative residual, like the adjoint solve.
+    """
+    tangent = Problem.on_flat(problem.backend, b, lambda v: b + jvp(v))
+    result = solve(tangent, solver, b, tol=tol, max_iter=max_iter, stop_mode="rel", divergence=1e6, verify=False)
+    problem.backend.report(result.info, on_fail, stage="tangent")
+    return result.z

@@ -6,17 +6,26 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from ._errors import ConfigurationError, ConvergenceError, ConvergenceWarning
 
 # Per-sample status codes (``SolveInfo.status``).
-RUNNING, CONVERGED, MAX_ITER, NON_FINITE, DIVERGED = 0, 1, 2, 3, 4
+RUNNING, CONVERGED, MAX_ITER, NON_FINITE, DIVERGED, RECHECK_FAILED = 0, 1, 2, 3, 4, 5
 STATUS_NAMES = {
     RUNNING: "running",
     CONVERGED: "converged",
     MAX_ITER: "max_iter reached",
     NON_FINITE: "non-finite values",
     DIVERGED: "diverged",
+    RECHECK_FAILED: "residual above tol when re-measured on the whole batch",
 }
+#: Said when a sample fails the final re-measurement: the usual cause.
+COUPLED_HINT = (
+    "Samples that met tol while iterating failed it when the returned batch was evaluated as a "
+    "whole: they depend on each other (batch statistics, attention across the batch, or one "
+    "unbatched system). Pass batched=False to solve the whole state as one system."
+)
 ON_FAIL = ("warn", "raise", "ignore")
 
 
@@ -29,7 +38,8 @@ class SolveInfo:
         residual: ``||F(z*) - z*||`` of the returned (lowest-residual) iterate.
         rel_residual: ``residual / (||F(z*)|| + eps)``.
         converged: ``residual`` (or ``rel_residual``, by ``stop_mode``) ``<= tol``.
-        status: ``1`` converged, ``2`` max_iter reached, ``3`` non-finite values, ``4`` diverged.
+        status: ``1`` converged, ``2`` max_iter reached, ``3`` non-finite values, ``4`` diverged,
+            ``5`` met ``tol`` while iterating but not when re-measured on the returned batch.
         trace: ``(iterations + 1, batch)`` absolute residuals when ``trace=True``.
         backward: the :class:`SolveInfo` of the last backward solve (``ift``, refinements).
         extras: estimator reports, e.g. ``extras["fallback"]`` for ``shine``.
@@ -49,24 +59,34 @@ class SolveInfo:
     vjp: Callable[[Any], Any] | None = None
     to_python: Callable[[Any], Any] = field(default=lambda x: x.tolist(), repr=False)
 
-    @property
-    def failed(self) -> list[int]:
-        """Indices of the samples that did not converge."""
-        return [i for i, ok in enumerate(self.to_python(self.converged)) if not ok]
+    def _host(self, name: str) -> "np.ndarray":
+        return np.asarray(self.to_python(getattr(self, name)))
 
-    def reasons(self) -> dict[int, str]:
+    @property
+    def failed(self) -> list:
+        """Indices of the samples that did not converge.
+
+        Ints for one solve; index tuples when the arrays have more axes (a ``SolveInfo``
+        returned through ``jax.vmap`` has the mapped axes first, the samples last).
+        """
+        ok = self._host("converged")
+        if ok.ndim <= 1:
+            return [int(i) for i in np.flatnonzero(~ok.astype(bool))]
+        return [tuple(int(j) for j in idx) for idx in np.argwhere(~ok.astype(bool))]
+
+    def reasons(self) -> dict:
         """``{sample: why it failed}`` for every failed sample."""
-        codes = self.to_python(self.status)
+        codes = self._host("status")
         return {i: STATUS_NAMES.get(int(codes[i]), "unknown") for i in self.failed}
 
     def summary(self) -> str:
-        steps = self.to_python(self.steps)
-        res = self.to_python(self.residual)
-        batch = len(steps)
+        steps = self._host("steps")
+        res = self._host("residual")
+        batch = int(steps.size)
         fails = self.reasons()
         text = (
             f"{self.solver or 'solve'}: {batch - len(fails)}/{batch} converged, "
-            f"steps max {max(steps) if steps else 0}, residual max {max(res) if res else 0:.3g}"
+            f"steps max {int(steps.max()) if batch else 0}, residual max {float(res.max()) if batch else 0:.3g}"
         )
         if fails:
             kinds: dict[str, list[int]] = {}
@@ -97,10 +117,13 @@ def report(info: SolveInfo, on_fail: str, stage: str = "forward") -> None:
     failed = info.failed
     if not failed:
         return
+    coupled = RECHECK_FAILED in np.asarray(info.to_python(info.status))
+    advice = COUPLED_HINT if coupled else (
+        "Raise max_iter, relax tol, try another solver, or inspect info.status / info.residual."
+    )
     message = (
         f"{stage} solve did not converge for {len(failed)} sample(s): {info.summary()}. "
-        "Raise max_iter, relax tol, try another solver, or inspect info.status / info.residual; "
-        "on_fail='ignore' silences this."
+        f"{advice} on_fail='ignore' silences this."
     )
     if on_fail == "raise":
         raise ConvergenceError(message, info)

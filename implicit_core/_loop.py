@@ -11,13 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._info import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, RUNNING, SolveInfo
+from ._info import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, RECHECK_FAILED, RUNNING, SolveInfo
 from ._ops import bnorm, select
 from ._plugin_base import Solver, call_plugin, check_solver_state
 from ._problem import Problem
 
 STOP_MODES = ("abs", "rel")
 _INF = float("inf")
+#: Step counters are int32 on every backend: a larger max_iter can never be reached anyway.
+MAX_STEPS = 2**31 - 2
 
 
 @dataclass
@@ -45,10 +47,18 @@ def solve(
     stop_mode: str = "abs",
     trace: bool = False,
     divergence: float | None = 1e6,
+    verify: bool = True,
 ) -> SolveResult:
-    """Run ``solver`` from the flat ``z0`` until every sample stopped or ``max_iter`` steps."""
+    """Run ``solver`` from the flat ``z0`` until every sample stopped or ``max_iter`` steps.
+
+    With ``verify`` (and more than one sample), ``F`` is evaluated once more on the whole
+    returned batch: the residuals reported are those of the returned iterate as the batch
+    stands at the end, and a sample that met ``tol`` while its batch-mates were still moving
+    but fails it now (samples that read each other) gets status ``RECHECK_FAILED``.
+    """
     xp, backend = problem.xp, problem.backend
     batch = problem.layout.batch
+    max_iter = min(int(max_iter), MAX_STEPS)
 
     def measure(state: dict[str, Any]) -> tuple[Any, Any, Any]:
         a, r = residuals(problem, state["z"], state["fz"])
@@ -109,6 +119,8 @@ def solve(
 
     carry = backend.while_loop(cond, body, carry)
     status = xp.where(carry["status"] == RUNNING, MAX_ITER, carry["status"])
+    if verify and batch > 1:
+        status = _recheck(problem, carry, status, tol, stop_mode, measure)
     status = xp.astype(status, int_dtype)
     trace_out = carry.get("trace")
     if trace and not backend.traced:
@@ -124,3 +136,26 @@ def solve(
         to_python=backend.to_python,
     )
     return SolveResult(z=carry["best_z"], info=info, state=carry["state"], solver=solver)
+
+
+def _recheck(problem: Problem, carry: dict[str, Any], status: Any, tol: float, stop_mode: str, measure: Any) -> Any:
+    """Re-measure the returned iterates on the whole batch (one evaluation of ``F``).
+
+    For independent samples this reproduces the residuals the loop measured (up to the
+    rounding of a batched evaluation, which the slack absorbs). For samples that depend on
+    each other it does not: a sample frozen early has moved away from its fixed point since.
+    """
+    xp = problem.xp
+    z = carry["best_z"]
+    fz = problem.F(z)
+    res, res_abs, res_rel = measure({"z": z, "fz": fz})
+    eps = float(xp.finfo(problem.layout.solve_dtype).eps)
+    # Rounding of F(z) - z, in the units of the stopping rule.
+    noise = 64 * eps * (bnorm(xp, fz) + bnorm(xp, z))
+    if stop_mode == "rel":
+        noise = noise / (bnorm(xp, fz) + problem.eps)
+    finite = res < _INF
+    failed = (status == CONVERGED) & ~(res <= tol * 1.01 + noise)
+    carry["best_abs"] = xp.where(finite, res_abs, carry["best_abs"])
+    carry["best_rel"] = xp.where(finite, res_rel, carry["best_rel"])
+    return xp.where(failed, RECHECK_FAILED, status)

@@ -4,6 +4,9 @@ Users write ``f(z, args)`` on their own state structure (an array, a tuple of ar
 different shapes, a pytree on JAX); solvers see only the fixed-point map ``F`` on a
 ``(batch, n)`` matrix. The root form ``g(z, args) = 0`` is solved as ``F(z) = z + g(z)``, so
 the gradient estimators need one formula: ``u = g + J_F^T u`` and ``dL/dargs = u^T dF/dargs``.
+
+An unbatched problem (``batched=False``) is one system of all the state's unknowns: its flat
+form is a batch of one, ``(1, n)``, and the user's function sees the state without a batch axis.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ class Layout:
     """How a state tree maps to and from a ``(batch, n)`` matrix."""
 
     treedef: Any
-    shapes: list[tuple[int, ...]]  # per leaf, batch axis excluded
+    shapes: list[tuple[int, ...]]  # per leaf, batch axis excluded (the whole shape when unbatched)
     sizes: list[int]
     batch: int
     dtype: Any  # the state's dtype, which the user's function sees
     device: Any
     solve_dtype: Any = None  # the solver's arithmetic: float32 for 16-bit states, else dtype
+    batched: bool = True  # False: the whole state is one system, flattened to (1, n)
 
     def __post_init__(self) -> None:
         if self.solve_dtype is None:
@@ -37,6 +41,10 @@ class Layout:
     @property
     def n(self) -> int:
         return sum(self.sizes)
+
+    def leaf_shape(self, i: int) -> tuple[int, ...]:
+        """The shape of state leaf ``i`` as the user's function sees it."""
+        return (self.batch, *self.shapes[i]) if self.batched else tuple(self.shapes[i])
 
 
 @dataclass
@@ -92,7 +100,7 @@ class Problem:
         leaves, start = [], 0
         for shape, size in zip(lay.shapes, lay.sizes):
             part = flat if len(lay.sizes) == 1 else flat[:, start : start + size]
-            leaves.append(xp.reshape(part, (flat.shape[0],) + shape))
+            leaves.append(xp.reshape(part, ((flat.shape[0],) if lay.batched else ()) + shape))
             start += size
         return self.backend.tree_unflatten(lay.treedef, leaves)
 
@@ -153,7 +161,7 @@ class Problem:
                     f"{what} gave a {type(leaf).__module__}.{type(leaf).__name__} for state leaf {i}, "
                     f"but the solve runs on the {be.name!r} backend: return {be.name} arrays."
                 )
-            expect = (lay.batch,) + tuple(shape)
+            expect = lay.leaf_shape(i)
             if tuple(leaf.shape) != expect:
                 raise ShapeError(
                     f"{what} has shape {tuple(leaf.shape)} for state leaf {i}, expected {expect} "

@@ -1,7 +1,13 @@
 import os
 import sys
 
-import pytest
+# One thread per math library in every test process: the suite runs in parallel
+# (pytest-xdist, one worker per core), and torch's or BLAS's own thread pools on top of that
+# oversubscribe the cores and slow everything down many times over.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -14,8 +20,28 @@ try:  # the shared problem set is float64: JAX needs it switched on before any a
 except ImportError:
     pass
 
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
+
 
 @pytest.fixture(params=BACKENDS)
 def be(request):
     """Each available backend in turn (unavailable ones are skipped with the reason)."""
     return backend_or_skip(request.param)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skips counted once per reason (``-ra`` would print one line per test location)."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("skipped, by reason")
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            terminalreporter.line(f"{count:4d}  {reason}")

@@ -1,14 +1,21 @@
-"""The JAX backend: the solve loop as ``lax.while_loop``, the backward as a ``jax.custom_vjp``.
+"""The JAX backend: the solve loop as ``lax.while_loop``, derivatives by a ``jax.custom_jvp``.
 
-The whole forward solve runs inside the primal rule of a ``custom_vjp`` function, so that
-``jax.grad`` never differentiates the loop; the rule's residuals are ``z*``, the parameters
-and, for SHINE / Broyden reuse, the forward solver's state. The user's function is
-closure-converted first (``jax.closure_convert``): values it captures from an enclosing trace
-(an Equinox model's weights, a ``jit`` argument) become explicit inputs of the rule and receive
-their gradients like ``args`` do. Everything composes with ``jit``, ``vmap`` and ``grad``.
+The whole forward solve is the primal of a ``custom_jvp`` function, so that no derivative ever
+goes through the loop. Its JVP rule gives ``dz* = (I - J)⁻¹ dF/dargs · dargs`` through
+``lax.custom_linear_solve``: forward mode (``jvp``, ``jacfwd``) solves that system (Anderson,
+to the forward's ``tol``); reverse mode (``grad``, ``vjp``) transposes it, and the transpose
+solve is the chosen gradient estimator (``ift``, ``jfb``, ``shine``, ...), so parameter
+gradients are ``uᵀ dF/dargs`` as on every backend. The rule computes its primal through the
+same ``custom_jvp`` function, so derivatives of every order (grad of grad, hessians) are again
+implicit: exact with ``ift``; an approximate estimator's derivative is that of the linear solve
+it stands for (``du = E(dg - dAᵀ u)`` with ``A = I - J`` and ``E`` the estimator).
 
-Under ``jax.grad`` the gradients flow as usual; ``info.vjp(g)`` also gives ``dL/dargs``
-directly, as on NumPy (it runs the solve again inside ``jax.vjp``).
+The user's function is closure-converted first (``jax.closure_convert``): values it captures
+from an enclosing trace (an Equinox model's weights, a ``jit`` argument) become explicit inputs
+and receive their derivatives like ``args`` do. Everything composes with ``jit``, ``vmap``,
+``grad``, ``jvp`` and ``lax.scan``.
+
+``info.vjp(g)`` also gives ``dL/dargs`` directly, as on NumPy (the estimator runs eagerly).
 
 Non-convergence under ``jit``: the ``info`` arrays are returned as usual; ``on_fail="warn"``
 warns from a host callback (``jax.debug.callback``) when the program runs, and
@@ -25,12 +32,6 @@ from typing import Any, Callable
 
 from implicit_core import Backend, ImplicitError, SolveInfo, hookimpl
 from implicit_core._loop import SolveResult
-
-def exact_ift() -> Any:
-    from implicit_core import get_gradient
-
-    return get_gradient("ift")
-
 
 #: SolveInfo fields returned by the custom-VJP rule as arrays.
 _INFO_FIELDS = ("steps", "residual", "rel_residual", "converged", "status")
@@ -130,7 +131,7 @@ class JaxBackend(Backend):
         _, vjp = jax.vjp(problem.F, z)
         return lambda v: vjp(v)[0]
 
-    def solve_implicit(self, problem, z0, forward, make_backward, with_jacobian=True):
+    def solve_implicit(self, problem, z0, forward, make_backward, with_jacobian=True, make_tangent=None):
         import jax
 
         _register_solve_info()
@@ -144,82 +145,62 @@ class JaxBackend(Backend):
         except Exception as exc:
             raise problem.user_error(exc) from exc
         solver: list[Any] = []  # the solver object, static: recorded while tracing the primal
-        info_box: list[Any] = []  # the SolveInfo, once built: eager backward passes report into it
 
         def bind(args: Any, consts: Any) -> Any:
             return dataclasses.replace(problem, fn=lambda z, a: fn_conv(z, a, *consts), args=args, _checked=True)
 
-        def primal(z0: Any, args: Any, consts: Any) -> tuple[tuple[Any, Any], Any]:
-            # The loop never sees a tangent (reverse mode cannot cross lax.while_loop): when
-            # this rule is itself differentiated (grad of grad), z* gets its derivative from
-            # ``reattach`` below instead.
+        @jax.custom_jvp
+        def implicit(z0: Any, args: Any, consts: Any) -> tuple[Any, Any, Any]:
+            # The loop is never differentiated: derivatives come from the rule below.
             z0, args, consts = jax.lax.stop_gradient((z0, args, consts))
             result = forward(bind(args, consts), z0)
             solver[:] = [result.solver]
-            return (result.z, result.info), result  # SolveInfo is a registered pytree
+            return result.z, result.info, result.state  # SolveInfo is a registered pytree
 
-        @jax.custom_vjp
-        def implicit(z0: Any, args: Any, consts: Any) -> tuple[Any, Any]:
-            return primal(z0, args, consts)[0]
-
-        def implicit_fwd(z0, args, consts):
-            (z, info), result = primal(z0, args, consts)
-            # Identity in value; when this rule is differentiated (grad of grad), the output
-            # depends on args through the implicit function theorem, not through the loop.
-            z = reattach(z, result.state, args, consts)
-            return (z, info), (result.z, result.state, args, consts, z0)
-
-        def backward_rule(z_star, state, args, consts, g, estimator=None):
-            """``dL/d(args, consts)`` for ``g = dL/dz*``."""
-            # Differentiating this rule again (grad of grad) needs dz*/dargs: ``reattach``
-            # gives z* that derivative by exact IFT, without solving the forward again.
-            z = reattach(jax.lax.stop_gradient(z_star), state, args, consts)
+        @implicit.defjvp
+        def implicit_jvp(primals, tangents):
+            z0, args, consts = primals
+            _, d_args, d_consts = tangents
+            # The primal through ``implicit`` itself: differentiating this rule again (grad of
+            # grad, hessians) differentiates z* by this same rule, never through the loop.
+            out = implicit(z0, args, consts)
+            z, _, state = out
             p = bind(args, consts)
+            _, rhs = jax.jvp(lambda a, c: bind(a, c).F(z), (args, consts), (d_args, d_consts))
+            _, jvp_z = jax.linearize(p.F, z)
             lin = None
-            if with_jacobian or estimator is not None:
+            if with_jacobian:
                 _, vjp_z = jax.vjp(p.F, z)
                 lin = lambda v: vjp_z(v)[0]  # noqa: E731
-            forward_result = SolveResult(z=z, info=None, state=state, solver=solver[0])
-            # Run eagerly (concrete residuals), the backward solve's report lands in
-            # info.backward; inside a trace it could not leave it, and failures are reported
-            # through Backend.report's host callback instead.
-            target = info_box[0] if info_box and estimator is None and self.is_concrete(z_star) else None
-            u = make_backward(p, forward_result, target, estimator)(g, lin)
-            _, vjp_params = jax.vjp(lambda a, c: bind(a, c).F(z), args, consts)
-            return vjp_params(u)
 
-        @jax.custom_vjp
-        def reattach(z_star, state, args, consts):
-            return z_star
+            def tangent_solve(matvec, b):  # forward mode: dz* solves (I - J) dz = dF/dargs · dargs
+                return make_tangent(p)(jvp_z, b)
 
-        def reattach_fwd(z_star, state, args, consts):
-            return z_star, (z_star, state, args, consts)
+            def adjoint_solve(vecmat, g):  # reverse mode: the chosen estimator's u ≈ (I - Jᵀ)⁻¹ g
+                forward_result = SolveResult(z=z, info=None, state=state, solver=solver[0])
+                return make_backward(p, forward_result, None)(g, lin)
 
-        def reattach_bwd(residuals, g):
-            z_star, state, args, consts = residuals
-            d_args, d_consts = backward_rule(z_star, state, args, consts, g, estimator=exact_ift())
-            zeros = jax.tree_util.tree_map(jax.numpy.zeros_like, (z_star, state))
-            return zeros[0], zeros[1], d_args, d_consts
+            dz = jax.lax.custom_linear_solve(lambda v: v - jvp_z(v), rhs, tangent_solve, adjoint_solve)
+            return out, (dz, *_zero_tangents(out[1:]))
 
-        reattach.defvjp(reattach_fwd, reattach_bwd)
-
-        def implicit_bwd(residuals, cotangents):
-            z_star, state, args, consts, z0 = residuals
-            d_args, d_consts = backward_rule(z_star, state, args, consts, cotangents[0])
-            return jax.numpy.zeros_like(z0), d_args, d_consts
-
-        implicit.defvjp(implicit_fwd, implicit_bwd)
-        z_flat, info = implicit(z0, problem.args, consts)
+        z_flat, info, state = implicit(z0, problem.args, consts)
         if info.trace is not None and self.is_concrete(info.trace):
             # The loop ran max(steps) iterations: drop the unused rows, as eager backends do.
             info.trace = info.trace[: int(info.steps.max()) + 1]
-        info_box.append(info)
 
         def vjp(g: Any) -> Any:
-            """``dL/dargs`` for ``g = dL/dz*``, as on NumPy (re-runs the forward solve)."""
+            """``dL/dargs`` for ``g = dL/dz*``, as on NumPy: the estimator runs here, eagerly when
+            called outside a trace, and its backward solve's report lands in ``info.backward``."""
             problem.check_output(g, what="the cotangent g passed to info.vjp")
-            _, pullback = jax.vjp(lambda a: implicit(z0, a, consts)[0], problem.args)
-            return pullback(problem.flatten(g))[0]
+            p = bind(problem.args, consts)
+            lin = None
+            if with_jacobian:
+                _, vjp_z = jax.vjp(p.F, z_flat)
+                lin = lambda v: vjp_z(v)[0]  # noqa: E731
+            forward_result = SolveResult(z=z_flat, info=info, state=state, solver=solver[0])
+            u = make_backward(p, forward_result, info)(problem.flatten(g), lin)
+            _, vjp_args = jax.vjp(lambda a: bind(a, consts).F(z_flat), problem.args)
+            return vjp_args(u)[0]
 
         info.vjp = vjp
         return problem.unflatten(z_flat), info
@@ -236,6 +217,19 @@ class JaxBackend(Backend):
 
         # The callback receives the SolveInfo pytree with host arrays in place of tracers.
         jax.debug.callback(lambda host: report(host, on_fail, stage), info)
+
+
+def _zero_tangents(tree: Any) -> Any:
+    """Zero tangents for outputs that carry no derivative (solve reports, solver state)."""
+    import jax
+    import numpy as np
+
+    def zero(x: Any) -> Any:
+        if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
+            return jax.numpy.zeros_like(x)
+        return np.zeros(x.shape, dtype=jax.dtypes.float0)  # integer and boolean outputs
+
+    return jax.tree_util.tree_map(zero, tree)
 
 
 @functools.lru_cache(maxsize=1)

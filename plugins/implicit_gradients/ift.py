@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from implicit_core import GradientEstimator
+from implicit_core import GradientEstimator, get_solver
 from implicit_core._plugin_base import check_choice, check_positive_int, check_range
 
 from ._solver_option import resolve_solver
@@ -18,7 +18,8 @@ class IFT(GradientEstimator):
     ``info.backward`` and handled by ``on_fail`` like the forward solve.
 
     Args:
-        solver: backward solver name or instance (default ``"anderson"``).
+        solver: backward solver name or instance; by default Anderson for fixed points and
+            Broyden for root problems (whose ``J`` need not be contractive).
         tol, max_iter: backward stopping rule; ``None`` uses the forward's.
         stop_mode: ``"rel"`` (default): ``tol`` is relative to ``||u||``, so the gradient's
             accuracy does not depend on the scale of the loss; ``"abs"``: absolute.
@@ -26,13 +27,14 @@ class IFT(GradientEstimator):
 
     name = "ift"
 
-    def __init__(self, solver: Any = "anderson", tol: float | None = None, max_iter: int | None = None,
+    def __init__(self, solver: Any = None, tol: float | None = None, max_iter: int | None = None,
                  stop_mode: str = "rel"):
         self.solver = solver
-        self._solver = resolve_solver("ift", solver)
+        self._solver = None if solver is None else resolve_solver("ift", solver)
         self.tol = None if tol is None else check_range("ift", "tol", tol, 0.0, float("inf"), low_open=True)
         self.max_iter = None if max_iter is None else check_positive_int("ift", "max_iter", max_iter)
         self.stop_mode = check_choice("ift", "stop_mode", stop_mode, ("abs", "rel"))
 
     def estimate(self, ctx) -> Any:
-        return ctx.solve_adjoint(self._solver, ctx.g, tol=self.tol, max_iter=self.max_iter, stop_mode=self.stop_mode)
+        solver = self._solver or get_solver("broyden" if ctx.problem.form == "root" else "anderson")
+        return ctx.solve_adjoint(solver, ctx.g, tol=self.tol, max_iter=self.max_iter, stop_mode=self.stop_mode)

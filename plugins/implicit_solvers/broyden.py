@@ -14,10 +14,18 @@ UPDATES = ("good", "adjoint")
 
 
 class Broyden(Solver):
-    """Quasi-Newton root finding with ``H ≈ (dg/dz)^-1 = (J - I)^-1`` kept as ``-I + U^T V``.
+    """Quasi-Newton root finding with ``H ≈ (dg/dz)^-1 = (J - I)^-1`` kept as ``s I + U^T V``.
 
-    Step ``dz = -alpha H g(z)``. The update of ``H`` is a rank-one term ``u v^T``
-    written into slot ``k mod m`` of the ``(batch, m, n)`` buffers:
+    Step ``dz = -alpha H g(z)``. ``H`` starts at ``-I`` (right for contractive ``F``, where
+    ``dg/dz ≈ -I``); after the first step its diagonal part becomes ``s = dzᵀdg / dgᵀdg``, the
+    least-squares fit of ``s dg ≈ dz`` (sign included), so a root problem written with either
+    sign convention (``g = x - f(x)`` or ``f(x) - x``), or a badly scaled one, gets an initial
+    inverse of the right sign and size (``scale_initial=False`` keeps ``-I``). A step that
+    multiplies the residual by more than ``max_growth`` is not taken: the sample stays where it
+    was, and ``H`` still learns the secant pair the trial step measured.
+
+    The update of ``H`` is a rank-one term ``u v^T`` written into slot ``k mod m`` of the
+    ``(batch, m, n)`` buffers:
 
     * ``update="good"`` (Broyden's "good" inverse update), with ``dg = g(z + dz) - g(z)``:
       ``u = (dz - H dg) / (dz^T H dg)``, ``v = H^T dz``, so that ``H_+ dg = dz``.
@@ -39,6 +47,8 @@ class Broyden(Solver):
         update: ``"good"`` or ``"adjoint"``.
         opa: callable ``z -> dL/dz`` enabling OPA updates; opa_freq: their period.
         initial_inverse: a :class:`LowRankInverse` to start from instead of ``-I``.
+        scale_initial: rescale the initial ``-I`` from the first secant pair.
+        max_growth: reject steps that grow ``||g||`` by more than this factor (``None``: never).
     """
 
     name = "broyden"
@@ -53,6 +63,8 @@ class Broyden(Solver):
         opa: Callable[[Any], Any] | None = None,
         opa_freq: int = 5,
         initial_inverse: LowRankInverse | None = None,
+        scale_initial: bool = True,
+        max_growth: float | None = 4.0,
     ):
         self.m = check_positive_int("broyden", "m", m)
         self.step_size = check_range("broyden", "step_size", step_size, 0.0, 1.0, low_open=True)
@@ -64,6 +76,11 @@ class Broyden(Solver):
         if initial_inverse is not None and not isinstance(initial_inverse, LowRankInverse):
             raise ConfigurationError("broyden: initial_inverse must be a LowRankInverse")
         self.initial_inverse = initial_inverse
+        if not isinstance(scale_initial, bool):
+            raise ConfigurationError(f"broyden: scale_initial must be True or False, got {scale_initial!r}")
+        self.scale_initial = scale_initial
+        self.max_growth = None if max_growth is None else check_range(
+            "broyden", "max_growth", max_growth, 1.0, float("inf"), low_open=True)
 
     # ----------------------------------------------------------------- helpers
     def _offset(self) -> int:
@@ -78,7 +95,7 @@ class Broyden(Solver):
         if not problem.backend.traced:
             cols = self._offset() + min(int(written), self.m)
             U, V = U[:, :cols], V[:, :cols]
-        return LowRankInverse(U, V, problem.xp)
+        return LowRankInverse(U, V, problem.xp, state["scale"])
 
     def _write(self, problem, state, index, u, v, active):
         slot = self._offset() + index % self.m
@@ -114,7 +131,10 @@ class Broyden(Solver):
         fz = problem.F(z0)
         # rank-one terms written so far, per sample (for slicing the estimate handed to SHINE)
         count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
-        state = {"z": z0, "fz": fz, "U": U, "V": V, "count": count}
+        scale = xp.full((batch,), -1.0, dtype=z0.dtype, device=be.device(z0))
+        if self.initial_inverse is not None:
+            scale = self.initial_inverse.scale_rows(xp.ones((batch, 1), dtype=z0.dtype, device=be.device(z0)))[:, 0]
+        state = {"z": z0, "fz": fz, "U": U, "V": V, "count": count, "scale": scale}
         state["Hg"] = self._current(problem, state, 0).matvec(fz - z0)
         return state
 
@@ -142,12 +162,22 @@ class Broyden(Solver):
         H = self._current(problem, state, written)
         # H g(z) is carried from the previous step (updated for its rank-one term below);
         # after an OPA update it is recomputed.
-        Hgz = state["Hg"] if self.opa is None else H.matvec(fz - z)
+        g = fz - z
+        Hgz = state["Hg"] if self.opa is None else H.matvec(g)
         dz = -self.step_size * Hgz
         z_new = z + dz
         fz_new = problem.F(z_new)
         g_new = fz_new - z_new
         Hg_new = H.matvec(g_new)
+        if self.scale_initial and self.initial_inverse is None:
+            # Before the first update H = s I exactly: refit s to the first secant pair.
+            dg = g_new - g
+            gamma, ok = safe_divide(xp, bdot(xp, dz, dg), bdot(xp, dg, dg), problem.eps)
+            delta = xp.where(ok & (k == 0), gamma - state["scale"], 0.0)
+            state["scale"] = state["scale"] + delta
+            Hgz = Hgz + delta[:, None] * g  # H' = H + delta I
+            Hg_new = Hg_new + delta[:, None] * g_new
+            H = LowRankInverse(H.U, H.V, xp, state["scale"])
         if self.update == "good":
             Hdg = Hg_new - Hgz  # linearity saves a pass over the buffers
             u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
@@ -156,8 +186,16 @@ class Broyden(Solver):
             u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new)
         self._write(problem, state, written, u, v, active)
         # (H + u v^T) g_new, without another pass over the buffers
-        state.update(z=z_new, fz=fz_new, Hg=Hg_new + u * bdot(xp, v, g_new)[:, None],
-                     count=state["count"] * 0 + (written + 1))
+        Hg_next = Hg_new + u * bdot(xp, v, g_new)[:, None]
+        if self.max_growth is not None:
+            # A step that blows the residual up is not taken; H keeps what it learnt from it.
+            # (A non-finite one is taken: the loop stops that sample and reports it.)
+            norm_new = bnorm(xp, g_new)
+            grown = (norm_new > self.max_growth * bnorm(xp, g)) & (norm_new < float("inf"))
+            z_new = xp.where(grown[:, None], z, z_new)
+            fz_new = xp.where(grown[:, None], fz, fz_new)
+            Hg_next = xp.where(grown[:, None], Hgz + u * bdot(xp, v, g)[:, None], Hg_next)
+        state.update(z=z_new, fz=fz_new, Hg=Hg_next, count=state["count"] * 0 + (written + 1))
         return state
 
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
@@ -165,4 +203,4 @@ class Broyden(Solver):
         if not problem.backend.traced:  # only the columns some sample wrote
             cols = self._offset() + min(int(problem.xp.max(state["count"])), self.m)
             U, V = U[:, :cols], V[:, :cols]
-        return LowRankInverse(U, V, problem.xp)
+        return LowRankInverse(U, V, problem.xp, state["scale"])

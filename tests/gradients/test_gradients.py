@@ -96,20 +96,21 @@ def test_linear_jfb_is_g_times_df_dargs(be):
     np.testing.assert_allclose(host(be, gA), host(be, w).T @ host(be, z), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 8])
-def test_linear_phantom_is_the_k_term_neumann_sum(be, k):
+@pytest.mark.parametrize("k", [1, 2, 4, 9])
+def test_linear_phantom_is_geng_et_al_formula(be, k):
+    """``u = lam Σ_{t<k} (lam Aᵀ + (1 - lam) I)ᵗ g`` (TorchDEQ's ``grad=k, tau=lam``)."""
     case = linear_case(be)
     w = loss_weights(be, (4, 6))
-    A = host(be, case.args[0])
-    _, _, (_, gb) = solve_grad(case, w, gradient=ic.get_gradient("phantom", k=k, lam=1.0))
-    expected = sum(host(be, w) @ np.linalg.matrix_power(A, i) for i in range(k + 1))
-    np.testing.assert_allclose(host(be, gb), expected, atol=1e-12)
-    # with damping: u <- lam (g + A^T u) + (1 - lam) u
-    lam, u = 0.6, host(be, w)
-    for _ in range(k):
-        u = lam * (host(be, w) + u @ A) + (1 - lam) * u
-    _, _, (_, gb) = solve_grad(case, w, gradient=ic.get_gradient("phantom", k=k, lam=lam))
-    np.testing.assert_allclose(host(be, gb), u, atol=1e-12)
+    A, g = host(be, case.args[0]), host(be, w)
+    n = A.shape[0]
+    for lam in (1.0, 0.6):
+        M = lam * A + (1 - lam) * np.eye(n)  # rows: u @ M = (lam Aᵀ + (1 - lam) I) u
+        expected = lam * sum(g @ np.linalg.matrix_power(M, t) for t in range(k))
+        _, _, (_, gb) = solve_grad(case, w, gradient=ic.get_gradient("phantom", k=k, lam=lam))
+        np.testing.assert_allclose(host(be, gb), expected, atol=1e-12)
+    if k == 1:  # k = 1, lam = 1 is JFB
+        _, _, (_, gb_jfb) = solve_grad(case, w, gradient="jfb")
+        np.testing.assert_allclose(host(be, gb), host(be, gb_jfb) * 0.6, atol=1e-12)
 
 
 def cosine(a, b):
