@@ -34,7 +34,7 @@ def linear_solver_for(form: str) -> str:
 
 
 #: Options every solve understands, besides those routed to the solver or estimator.
-CALL_OPTIONS = ("vjp", "trace", "divergence")
+CALL_OPTIONS = ("vjp", "trace", "divergence", "higher_order")
 
 
 def fixed_point(
@@ -83,7 +83,9 @@ def fixed_point(
         batched: ``True``: the first axis is a batch of independent systems; ``False``: one system.
         **options: ``vjp=`` (backends without autodiff: ``vjp(z, args, v) -> (v_z, v_args)``),
             ``trace=True`` (residual history), ``divergence=`` (stop a sample whose residual
-            grows by this factor; ``None`` disables), and options of the named solver or
+            grows by this factor; ``None`` disables), ``higher_order=True`` (torch: record
+            what second derivatives need, for ``create_graph=True``; one more evaluation of
+            ``f`` with a graph; JAX differentiates to every order without it), and options of the named solver or
             gradient estimator (e.g. ``m=6`` for Anderson).
 
     Returns:
@@ -129,6 +131,9 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
     options = dict(options)
     user_vjp = options.pop("vjp", None)
     trace = bool(options.pop("trace", False))
+    higher_order = options.pop("higher_order", False)
+    if not isinstance(higher_order, bool):
+        raise ConfigurationError(f"higher_order must be True or False, got {higher_order!r}")
     divergence = options.pop("divergence", 1e6)
     if divergence is not None and not (isinstance(divergence, (int, float)) and divergence > 1):
         raise ConfigurationError(f"divergence must be a number > 1 or None, got {divergence!r}")
@@ -142,6 +147,7 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
             f"the {be.name!r} backend differentiates with its own autodiff: drop the vjp= option"
         )
     problem = _build_problem(be, fn, z0, args, form, user_vjp, batched)
+    problem.higher_order = higher_order
     # A copy: the solution never shares memory with the caller's z0 (even when z0 already
     # meets tol), and no solver can write into it.
     z0_flat = be.xp.asarray(be.stop_gradient(problem.flatten(z0)), copy=True)
@@ -160,8 +166,9 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
     ) -> Callable[..., Any]:
         chosen = gradient_obj if estimator is None else estimator
 
-        def backward(g_flat: Any, lin: Any = None) -> Any:
-            ctx = BackwardContext(p, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail, _lin=lin)
+        def backward(g_flat: Any, lin: Any = None, differentiable: Any = None) -> Any:
+            ctx = BackwardContext(p, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail, _lin=lin,
+                                  differentiable=differentiable)
             try:
                 return check_like(chosen, "estimate()", call_plugin(chosen, "estimate", ctx), g_flat)
             finally:  # also when the backward solve raised: info says what happened
@@ -305,6 +312,7 @@ def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
             )
         be = next(iter(found.values()))
     require_available(be)
+    be.check_context()
     for leaf in be.tree_flatten(z0)[0]:
         owner = _owner(leaf, backends)
         if owner is not be:

@@ -121,6 +121,10 @@ class Backend(abc.ABC):
         """``true_fn() if pred else false_fn()``; traced backends use their conditional primitive."""
         return true_fn() if bool(pred) else false_fn()
 
+    def check_context(self) -> None:
+        """Called once per solve before anything runs: raise a typed error in a context the
+        backend cannot solve in (torch: inside a ``torch.func`` transform)."""
+
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Context for the forward solve: frameworks that record graphs switch recording off."""
         return contextlib.nullcontext()

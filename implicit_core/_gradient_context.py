@@ -33,6 +33,10 @@ class BackwardContext:
     extras: dict[str, Any] = field(default_factory=dict)
     backward_info: SolveInfo | None = None
     _lin: Callable[[Any], Any] | None = field(default=None, repr=False)
+    #: Set by a backend when this backward pass is itself differentiated (torch's
+    #: ``create_graph=True``): ``JT(v)`` with a graph, and ``adjoint(u, g)`` giving the adjoint
+    #: solution ``u`` the derivative of ``(I - Jᵀ)⁻¹ g``.
+    differentiable: Any = field(default=None, repr=False)
 
     @property
     def xp(self) -> Any:
@@ -40,11 +44,23 @@ class BackwardContext:
 
     def JT(self, v: Any) -> Any:
         """``J^T v`` at ``z*``; the linearisation is built once and reused."""
+        if self.differentiable is not None:
+            return self.differentiable.JT(v)
+        return self._plain_JT(v)
+
+    def _plain_JT(self, v: Any) -> Any:
         if self._lin is None:
             self._lin = self.problem.backend.linearise(self.problem, self.z_star)
         return self._lin(v)
 
     def inverse(self) -> InverseJacobian:
+        if self.differentiable is not None:
+            raise ConfigurationError(
+                "a backward pass that is itself differentiated (create_graph=True, second derivatives) "
+                "cannot go through an estimator that reuses the forward's inverse estimate (shine, "
+                "broyden_reuse): that estimate is a by-product of the iterations, with no derivative. "
+                "Use gradient='ift' (exact), 'jfb' or 'phantom' when you need second derivatives."
+            )
         solver = self.forward.solver
         if not solver.provides_inverse:
             raise ConfigurationError(f"solver {solver.name!r} keeps no inverse-Jacobian estimate")
@@ -68,7 +84,18 @@ class BackwardContext:
         smaller, and an absolute ``tol`` would then stop the adjoint solve almost at once).
         """
         g = self.g
-        adjoint = Problem.on_flat(self.problem.backend, g, lambda u: g + self.JT(u))
+        backend = self.problem.backend
+        if self.differentiable is not None:
+            # The value by the ordinary solve (no graph through the iterations); its derivative
+            # is attached afterwards, by the implicit function theorem again.
+            with backend.forward_context():
+                u = self._solve_adjoint_value(backend.stop_gradient(g), solver, u0, tol, max_iter, on_fail, stop_mode)
+            return self.differentiable.adjoint(u, g)
+        return self._solve_adjoint_value(g, solver, u0, tol, max_iter, on_fail, stop_mode)
+
+    def _solve_adjoint_value(self, g, solver, u0, tol, max_iter, on_fail, stop_mode) -> Any:
+        adjoint = Problem.on_flat(self.problem.backend, g, lambda u: g + self._plain_JT(u))
+        u0 = self.problem.backend.stop_gradient(u0)
         result = solve(
             adjoint,
             solver,

@@ -69,6 +69,8 @@ class Problem:
     form: str = FIXED_POINT
     user_vjp: Callable[..., Any] | None = None
     flat_fn: Callable[[Any], Any] | None = None
+    #: Autodiff backends record what second derivatives of ``z*`` need (``higher_order=True``).
+    higher_order: bool = False
     _checked: bool = field(default=False, repr=False)
 
     @property

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import array_api_compat
 
-from implicit_core import Backend, hookimpl
+from implicit_core import Backend, ConfigurationError, hookimpl
 
 
 class TorchBackend(Backend):
@@ -52,6 +52,18 @@ class TorchBackend(Backend):
 
         gen = torch.Generator(device=like.device).manual_seed(seed)
         return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
+
+    def check_context(self) -> None:
+        import torch
+
+        if torch._C._functorch.maybe_current_level() is not None:
+            raise ConfigurationError(
+                "fixed_point/root cannot run inside a torch.func transform (vmap, grad, vjp, jacrev, "
+                "jacfwd): the solve loop decides per step in Python, which those transforms do not "
+                "allow. Put independent problems on the batch axis instead of vmap, and take "
+                "derivatives with torch.autograd (loss.backward(), torch.autograd.grad, or "
+                "torch.autograd.functional.hvp with higher_order=True)"
+            )
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         import torch
@@ -95,11 +107,24 @@ class TorchBackend(Backend):
 
         if not torch.is_grad_enabled():
             return problem.unflatten(z_star), None
+        order = z_in = None
+        if problem.higher_order:
+            from ._higher_order import Anchor, Differentiable, Gate, Orders
+
+            # z* once more, carrying dz*/dθ for second derivatives only: a second graph of F,
+            # behind a gate that passes nothing in a first-order backward pass.
+            order = Orders()
+            z_anchor, anchor = self._graph(problem, z_star)
+            z_in = z_star.detach() + Gate.apply(anchor, Anchor(z_anchor, anchor, problem, order))
         # One graph of F at z*, recorded now: the outer backward runs through it to the
         # parameters, and the estimator's J^T v products reuse it. Recording it at forward
         # time keeps the backward consistent with the parameters of this call (e.g. under
         # torch.func.functional_call) and saves re-evaluating F in the backward.
-        z_in, out = self._graph(problem, z_star, differentiable_in_z=with_jacobian)
+        if z_in is None:
+            z_in, out = self._graph(problem, z_star, differentiable_in_z=with_jacobian)
+        else:
+            with torch.enable_grad():
+                out = problem.F(z_in)
         if not _reaches_other_leaves(out, z_in):
             return problem.unflatten(z_star), None
 
@@ -107,12 +132,38 @@ class TorchBackend(Backend):
             (jt,) = torch.autograd.grad(out, z_in, v, retain_graph=True)
             return jt
 
+        def hook(g: Any) -> Any:
+            if g is None:  # an undefined incoming gradient stays undefined
+                return None
+            lin = JT if with_jacobian else None
+            if not torch.is_grad_enabled():  # first-order pass (no create_graph)
+                if order is not None and order.differentiated():
+                    return g  # differentiating a create_graph pass: z* enters exactly via the gate
+                return backward(g, lin)
+            if order is None:
+                raise ConfigurationError(
+                    "this backward pass is being recorded (create_graph=True, e.g. for a gradient "
+                    "penalty or a Hessian-vector product), but the solve was not set up for second "
+                    "derivatives: pass higher_order=True to fixed_point/root (or DEQ(..., "
+                    "higher_order=True)), which records what the exact second derivatives need"
+                )
+            if order.differentiated():
+                raise ConfigurationError(
+                    "third and higher derivatives through a torch solve are not supported; "
+                    "JAX differentiates fixed_point/root to every order"
+                )
+            order.first_order(torch._C._current_graph_task_id())
+
+            def JT_graph(v: Any) -> Any:
+                (jt,) = torch.autograd.grad(out, z_in, v, retain_graph=True, create_graph=True)
+                return jt
+
+            return backward(g, lin, Differentiable(JT_graph, order.anchor))
+
         # The value is exactly z* (as on every backend); the gradient flows through ``out``.
         # The hook sits on ``result``, so JT's own passes through ``out`` do not trigger it.
-        # An undefined incoming gradient (None) stays undefined.
         result = z_in.detach() + (out - out.detach())
-        lin = JT if with_jacobian else None
-        result.register_hook(lambda g: None if g is None else backward(g, lin))
+        result.register_hook(hook)
         return problem.unflatten(result), None
 
 

@@ -10,7 +10,7 @@ import implicit_core as ic
 from implicit_core import ConfigurationError, GradientEstimator, SolveInfo, Solver
 
 #: ``fixed_point`` options that are not solver/estimator options.
-_CALL_OPTIONS = ("trace", "divergence")
+_CALL_OPTIONS = ("trace", "divergence", "higher_order")
 
 
 class DEQ(torch.nn.Module):

@@ -182,3 +182,53 @@ def test_property_contractive_maps_converge_below_tol(n, batch, dtype, solver, n
     assert z.dtype == np.dtype(dtype)
     assert (info.residual <= tol).all() and info.converged.all()
     assert (info.steps <= 500).all()
+
+
+def affine_root(be, sign, dtype, n=200, seed=0):
+    """jaxopt's affine test, n = 200: ``g = sign (M x + b - x)`` with ``||M|| = 0.9``."""
+    rng = np.random.default_rng(seed)
+    M = rng.standard_normal((n, n))
+    M *= 0.9 / np.linalg.norm(M, 2)
+    b = rng.standard_normal(n)
+    x_star = np.linalg.solve(np.eye(n) - M, b)
+    Mt, bt = be.xp.asarray(M.astype(dtype)), be.xp.asarray(b.astype(dtype))
+    return (lambda x, a: sign * (x @ Mt.T + bt - x)), x_star
+
+
+#: TorchDEQ 0.1.0's Broyden on the same map, written as its fixed point M x + b (steps to 1e-4
+#: in float32 and 1e-8 in float64, measured side by side).
+TORCHDEQ_STEPS = {"float32": 15, "float64": 26}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_broyden_root_converges_on_either_sign_convention(be, sign, dtype):
+    g, x_star = affine_root(be, sign, dtype)
+    tol = 1e-4 if dtype == "float32" else 1e-8
+    z0 = be.xp.zeros((1, 200), dtype=getattr(be.xp, dtype))
+    z, info = ic.root(g, z0, None, tol=tol, max_iter=100, gradient="jfb", on_fail="raise",
+                      vjp=(lambda z, a, v: (v, None)) if be.explicit_vjp else None)
+    assert int(np.asarray(be.to_python(info.steps)).max()) <= 2 * TORCHDEQ_STEPS[dtype]
+    np.testing.assert_allclose(np.asarray(be.to_python(z))[0], x_star, atol=50 * tol)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_broyden_root_on_a_stiff_implicit_euler_step(be, sign):
+    """One implicit Euler step of the heat equation, ``y - y0 - dt L y = 0`` (either sign):
+    ``F = z - g`` is far from contractive, and the initial inverse must learn its scale."""
+    m = 100
+    h = 1.0 / (m + 1)
+    dt = 3 * h * h
+    L = (np.diag(-2 * np.ones(m)) + np.diag(np.ones(m - 1), 1) + np.diag(np.ones(m - 1), -1)) / h**2
+    y0 = np.random.default_rng(0).standard_normal((1, m))
+    Lx, y0x = be.xp.asarray(L), be.xp.asarray(y0)
+    z, info = ic.root(lambda y, a: sign * (y0x + dt * (y @ Lx.T) - y), be.xp.asarray(y0), None, tol=1e-6,
+                      max_iter=100, gradient="jfb", on_fail="raise",
+                      vjp=(lambda z, a, v: (v, None)) if be.explicit_vjp else None)
+    exact = np.linalg.solve(np.eye(m) - dt * L, y0[0])
+    np.testing.assert_allclose(np.asarray(be.to_python(z))[0], exact, atol=1e-6)
+    # Without the rescaled initial inverse, the same solve fails.
+    z, info = ic.root(lambda y, a: sign * (y0x + dt * (y @ Lx.T) - y), be.xp.asarray(y0), None, tol=1e-6,
+                      max_iter=100, gradient="jfb", on_fail="ignore", scale_initial=False, max_growth=None,
+                      vjp=(lambda z, a, v: (v, None)) if be.explicit_vjp else None)
+    assert not np.asarray(be.to_python(info.converged)).all()
