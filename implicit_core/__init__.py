@@ -40,13 +40,13 @@ from ._registry import (
     unregister,
 )
 from .hookspecs import hookimpl, hookspec
-from ._api import fixed_point, resolve_plugins, root  # noqa: E402  (after the names plugins import)
+from ._api import check_stopping_rule, fixed_point, resolve_plugins, root  # noqa: E402  (after the names plugins import)
 from ._diagnostics import jacobian_regularisation, spectral_radius  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "fixed_point", "root", "resolve_plugins", "SolveInfo",
+    "fixed_point", "root", "resolve_plugins", "check_stopping_rule", "SolveInfo",
     "get_solver", "get_gradient", "get_backend", "available_backends",
     "plugins", "PluginInfo", "register", "unregister", "reload_plugins", "hookimpl", "hookspec",
     "Backend", "ExplicitVJPBackend", "Solver", "GradientEstimator", "BackwardContext", "Problem",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import weakref
 from typing import Any, Callable
 
 import array_api_compat
@@ -126,7 +128,7 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         raise ConfigurationError(f"the function to solve must be callable, got {type(fn).__name__}")
     if not isinstance(batched, bool):
         raise ConfigurationError(f"batched must be True or False, got {batched!r}")
-    _check_stopping(tol, max_iter, stop_mode)
+    tol, max_iter = _check_stopping(tol, max_iter, stop_mode)
     check_on_fail(on_fail)
     options = dict(options)
     user_vjp = options.pop("vjp", None)
@@ -148,6 +150,10 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         )
     problem = _build_problem(be, fn, z0, args, form, user_vjp, batched)
     problem.higher_order = higher_order
+    problem.config_key = _config_key(
+        form, solver_obj, gradient_obj, tol, max_iter, stop_mode, on_fail, trace, divergence, higher_order,
+        problem.layout,
+    )
     # A copy: the solution never shares memory with the caller's z0 (even when z0 already
     # meets tol), and no solver can write into it.
     z0_flat = be.xp.asarray(be.stop_gradient(problem.flatten(z0)), copy=True)
@@ -165,6 +171,11 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         p: Problem, result: SolveResult, info: SolveInfo | None, estimator: GradientEstimator | None = None
     ) -> Callable[..., Any]:
         chosen = gradient_obj if estimator is None else estimator
+        # info.vjp holds this closure: referring to info weakly (and to the result without its
+        # info) leaves no reference cycle, so a solve's buffers are freed as soon as the
+        # caller drops them, without waiting for the cyclic garbage collector.
+        result = SolveResult(z=result.z, info=None, state=result.state, solver=result.solver)
+        info_ref = None if info is None else weakref.ref(info)
 
         def backward(g_flat: Any, lin: Any = None, differentiable: Any = None) -> Any:
             ctx = BackwardContext(p, result.z, g_flat, result, tol, max_iter, stop_mode, on_fail, _lin=lin,
@@ -172,9 +183,10 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
             try:
                 return check_like(chosen, "estimate()", call_plugin(chosen, "estimate", ctx), g_flat)
             finally:  # also when the backward solve raised: info says what happened
-                if info is not None:
-                    info.backward = ctx.backward_info
-                    info.extras.update(ctx.extras)
+                target = None if info_ref is None else info_ref()
+                if target is not None:
+                    target.backward = ctx.backward_info
+                    target.extras.update(ctx.extras)
 
         return backward
 
@@ -194,16 +206,54 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
     return z_out, info
 
 
+def _config_key(*parts: Any) -> tuple | None:
+    """What makes two solves of the same function and arrays identical, or ``None``.
+
+    Solvers and estimators are described by their class and options; an option without a
+    value-based ``repr`` (a callable such as Broyden's ``opa``, an inverse estimate) makes the
+    solve uncacheable rather than risk two different solves sharing one compiled program.
+    """
+    described = []
+    for part in parts:
+        if isinstance(part, (Solver, GradientEstimator)):
+            text = f"{type(part).__module__}.{type(part).__qualname__}{part!r}"
+        elif isinstance(part, Layout):
+            text = repr((str(part.treedef), part.shapes, part.batch, str(part.dtype), str(part.solve_dtype), part.batched))
+        else:
+            text = repr(part)
+        if " at 0x" in text or "<" in text:
+            return None
+        described.append(text)
+    return tuple(described)
+
+
 # --------------------------------------------------------------------------- validation
-def _check_stopping(tol: Any, max_iter: Any, stop_mode: Any) -> None:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+def _check_stopping(tol: Any, max_iter: Any, stop_mode: Any) -> tuple[float, int]:
+    """Validated ``(tol, max_iter)`` as Python numbers (NumPy scalars are accepted)."""
+    if hasattr(tol, "aval") or hasattr(max_iter, "aval"):  # a JAX tracer: a traced setting
+        raise ConfigurationError(
+            "tol and max_iter must be Python numbers, not traced values: under jax.jit pass them as "
+            "static arguments (static_argnames=...) or close over them"
+        )
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol <= 0:
         raise ConfigurationError(f"tol must be a finite number > 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ConfigurationError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if stop_mode not in STOP_MODES:
         raise ConfigurationError(
             f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}.{did_you_mean(str(stop_mode), STOP_MODES)}"
         )
+    return float(tol), int(max_iter)
+
+
+def check_stopping_rule(tol: Any = 1e-4, max_iter: Any = 50, stop_mode: str = "abs", on_fail: str = "warn") -> None:
+    """Raise :class:`ConfigurationError` for a stopping rule ``fixed_point`` would refuse.
+
+    For layers that take these settings at construction (``DEQ``): validate them there, not at
+    the first forward pass.
+    """
+    _check_stopping(tol, max_iter, stop_mode)
+    check_on_fail(on_fail)
 
 
 def resolve_plugins(
@@ -271,7 +321,7 @@ def _owner(leaf: Any, backends: list[Backend]) -> Backend | None:
 def _generic_leaves(tree: Any) -> list[Any]:
     """Leaves of nested tuples/lists/dicts, enough to tell which library the arrays are from."""
     if isinstance(tree, dict):
-        return [leaf for key in sorted(tree) for leaf in _generic_leaves(tree[key])]
+        return [leaf for value in tree.values() for leaf in _generic_leaves(value)]
     if isinstance(tree, (tuple, list)):
         return [leaf for item in tree for leaf in _generic_leaves(item)]
     return [tree]
@@ -289,9 +339,27 @@ def _describe(x: Any) -> str:
     return f"{type(x).__module__}.{type(x).__name__}"
 
 
+def _refuse_matrices(what: str, leaves: list[Any]) -> None:
+    import numpy as np
+
+    for leaf in leaves:
+        if isinstance(leaf, np.matrix):
+            raise ConfigurationError(
+                f"{what} holds a numpy.matrix, whose * and ** are matrix products and whose rows stay "
+                f"2-D: pass np.asarray({what}) (an ndarray) instead"
+            )
+
+
 def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
     backends = REGISTRY.backends()
     z_leaves = _generic_leaves(z0)
+    _refuse_matrices("z0", z_leaves)
+    _refuse_matrices("args", _generic_leaves(args))
+    if isinstance(z0, (list, tuple)) and z_leaves and all(isinstance(x, (int, float)) for x in z_leaves):
+        raise BackendMismatchError(
+            f"z0 is a Python {type(z0).__name__} of numbers: pass an array, e.g. np.asarray(z0, dtype=float) "
+            "(or a torch tensor / JAX array)"
+        )
     owners = [(_owner(leaf, backends), leaf) for leaf in z_leaves]
     if name is not None:
         be = REGISTRY.get("backend", name)

@@ -87,10 +87,11 @@ class Backend(abc.ABC):
     def tree_flatten(self, tree: Any) -> tuple[list[Any], Any]:
         """Leaves of a state/args tree and what is needed to rebuild it.
 
-        The default understands a single array and nested tuples, lists and dicts of arrays.
+        The default understands a single array and nested tuples (named tuples included),
+        lists and dicts of arrays (keys of any types, in a deterministic order).
         """
         if isinstance(tree, dict):
-            keys = sorted(tree)
+            keys = sorted(tree, key=lambda k: (type(k).__name__, repr(k)))
             leaves, defs = self.tree_flatten(tuple(tree[k] for k in keys))
             return leaves, (dict, keys, defs)
         if isinstance(tree, (tuple, list)):
@@ -114,6 +115,8 @@ class Backend(abc.ABC):
         for count, d in defs:
             out.append(self.tree_unflatten(d, leaves[i : i + count]))
             i += count
+        if kind is not tuple and kind is not list and issubclass(kind, tuple) and hasattr(kind, "_fields"):
+            return kind(*out)  # a named tuple takes its fields as arguments
         return kind(out)
 
     # ----------------------------------------------------------------- control flow

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import abc
 import inspect
+import math
+import numbers
+
+import array_api_compat
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._errors import ConfigurationError, ImplicitError, PluginError
@@ -103,13 +107,15 @@ class GradientEstimator(_Configurable, abc.ABC):
 
 
 def check_positive_int(owner: str, key: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an ``int`` (NumPy integers accepted), or a :class:`ConfigurationError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigurationError(f"{owner}: {key} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_range(owner: str, key: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    """``value`` as a ``float`` in ``(low, high]`` / ``[low, high]``, or a :class:`ConfigurationError`."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
     ok = ok and (low < value if low_open else low <= value) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
@@ -165,12 +171,34 @@ def check_solver_state(solver: Any, method: str, state: Any, like: Any) -> Any:
 
 
 def check_like(plugin: Any, what: str, value: Any, like: Any) -> Any:
+    """``value`` must be an array of ``like``'s library, shape, dtype and device."""
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or tuple(shape) != tuple(like.shape) or dtype != like.dtype:
         found = f"shape {tuple(shape)} and dtype {dtype}" if shape is not None else f"a {type(value).__name__}"
         raise PluginError(
             f"{_describe(plugin)}: {what} has {found}; expected shape {tuple(like.shape)} and dtype "
             f"{like.dtype} (flat (batch, n), the solve's dtype)"
+        )
+    if type(value) is not type(like):
+        try:
+            same_library = array_api_compat.array_namespace(value) is array_api_compat.array_namespace(like)
+        except TypeError:
+            same_library = False
+        if not same_library:
+            raise PluginError(
+                f"{_describe(plugin)}: {what} is a {type(value).__module__}.{type(value).__name__}, but the "
+                f"solve runs on {type(like).__module__}.{type(like).__name__} arrays: compute with the "
+                "problem's namespace (problem.xp)"
+            )
+    try:  # placement is known for eager arrays (a traced one may not say)
+        device, other = like.device, value.device
+        moved = device is not None and not callable(device) and other != device
+    except Exception:
+        moved = False
+    if moved:
+        raise PluginError(
+            f"{_describe(plugin)}: {what} is on device {value.device}, but the solve runs on {device}: "
+            "allocate with device=problem.backend.device(z)"
         )
     return value
 

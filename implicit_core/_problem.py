@@ -71,6 +71,10 @@ class Problem:
     flat_fn: Callable[[Any], Any] | None = None
     #: Autodiff backends record what second derivatives of ``z*`` need (``higher_order=True``).
     higher_order: bool = False
+    #: A hashable description of everything about the solve besides the function and the
+    #: arrays (solver, estimator, stopping rule, ...), for backends that cache compiled solves;
+    #: ``None`` when some option has no value-based description (a callable, an object).
+    config_key: Any = None
     _checked: bool = field(default=False, repr=False)
 
     @property

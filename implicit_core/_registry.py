@@ -12,8 +12,15 @@ built-in; its clashing object is listed as broken with the reason. At run time,
 ``register(obj, replace=True)`` replaces deliberately.
 
 Environment:
-    IMPLICIT_CORE_DISABLE_PLUGIN_AUTOLOAD=1  load only the built-ins (and the allow-list).
-    IMPLICIT_CORE_PLUGINS=dist-a,dist-b      with the above: third-party distributions to load.
+    IMPLICIT_CORE_DISABLE_PLUGIN_AUTOLOAD=1  load only the built-ins (and the allow-list);
+                                             1/true/yes/on in any case.
+    IMPLICIT_CORE_PLUGINS=dist-a,dist-b      with the above: third-party distributions to load
+                                             (an unknown name is warned about).
+
+Thread safety: loading happens once, under a lock, and is complete before any lookup returns;
+lookups and registrations take the same lock, so a registration racing a solve is safe.
+Plugin names are compared after Unicode NFKC normalisation and case folding: a name that only
+looks like a taken one (a ligature, fullwidth letters, another case) is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -71,6 +79,14 @@ def _normalise(dist: str) -> str:
     return dist.lower().replace("_", "-")
 
 
+def name_key(name: str) -> str:
+    """How plugin names are compared: NFKC-normalised and case-folded."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+TRUTHY = ("1", "true", "yes", "on")
+
+
 class Registry:
     """The process-wide registry; use the module-level functions rather than this class."""
 
@@ -96,17 +112,37 @@ class Registry:
     def ensure_loaded(self) -> None:
         if self._loaded:
             return
+        pending: list[str] = []
         with self._lock:
             if self._loaded:
                 return
-            self._loaded = True
-            self._load_entry_points()
+            self._pending_warnings = pending
+            try:
+                self._load_entry_points()
+            finally:
+                # Set only once every plugin is in: a concurrent first use waits on the lock
+                # instead of seeing a half-filled registry.
+                self._loaded = True
+                self._pending_warnings = None
+        # Warned after loading is complete: under `-W error` a warning is an exception, and it
+        # must not cut the loading loop short (every later plugin would be lost).
+        for message in pending:
+            warnings.warn(message, PluginWarning, stacklevel=3)
 
     def _selected_entry_points(self) -> list[tuple[metadata.EntryPoint, str]]:
         chosen, seen = [], set()
-        autoload = os.environ.get(AUTOLOAD_ENV, "").strip() not in ("1", "true", "yes")
+        autoload = os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in TRUTHY
         allow = {_normalise(d) for d in os.environ.get(ALLOW_ENV, "").split(",") if d.strip()}
-        for ep in metadata.entry_points(group=GROUP):
+        found = set()
+        eps = list(metadata.entry_points(group=GROUP))
+        for ep in eps:
+            found.add(_normalise(ep.dist.name if ep.dist is not None else "unknown"))
+        for missing in sorted(allow - found):
+            self._warn(
+                f"{ALLOW_ENV} names {missing!r}, but no installed distribution by that name provides "
+                f"implicit-core plugins (installed: {', '.join(sorted(found - {BUILTIN_DIST})) or 'none'})"
+            )
+        for ep in eps:
             dist = ep.dist.name if ep.dist is not None else "unknown"
             key = (ep.name, ep.value, _normalise(dist))
             if key in seen:  # the same distribution found twice on sys.path
@@ -151,22 +187,37 @@ class Registry:
 
     def _mark_broken(self, kind: str, name: str, source: str, plugin: str, reason: str) -> None:
         self._broken.append(PluginInfo(kind, name, source, plugin, False, reason))
-        warnings.warn(f"implicit-core plugin {plugin!r} ({source}) is broken and was skipped: {reason}", PluginWarning, stacklevel=3)
+        self._warn(f"implicit-core plugin {plugin!r} ({source}) is broken and was skipped: {reason}")
+
+    _pending_warnings: list[str] | None = None
+
+    def _warn(self, message: str) -> None:
+        if self._pending_warnings is not None:  # while loading: after the loop
+            self._pending_warnings.append(message)
+        else:
+            warnings.warn(message, PluginWarning, stacklevel=4)
 
     def _add(self, kind: str, obj: Any, source: str, plugin: str, replace: bool = False) -> None:
         """Validate and store one registration made by a hook (errors become 'broken' rows)."""
         try:
             entry = self._make_entry(kind, obj, source, plugin)
-            taken = self._entries[kind].get(entry.name)
+            taken = self._taken(kind, entry.name)
             if taken is not None and not replace:
-                raise PluginError(
-                    f"{kind} name {entry.name!r} is already taken by {taken.source} ({taken.plugin}); "
-                    "the first registration wins"
-                )
+                raise PluginError(self._taken_message(kind, entry.name, taken) + "; the first registration wins")
         except Exception as exc:  # a plugin may hand over anything: report it, never crash
             self._mark_broken(kind, getattr(obj, "name", repr(obj)), source, plugin, str(exc))
             return
         self._entries[kind][entry.name] = entry
+
+    def _taken(self, kind: str, name: str) -> _Entry | None:
+        """The entry whose name equals ``name`` or only looks like it (NFKC, case)."""
+        key = name_key(name)
+        return next((e for n, e in self._entries[kind].items() if name_key(n) == key), None)
+
+    @staticmethod
+    def _taken_message(kind: str, name: str, taken: _Entry) -> str:
+        same = "" if taken.name == name else f" (as {taken.name!r}, which {name!r} only looks like)"
+        return f"{kind} name {name!r} is already taken{same} by {taken.source} ({taken.plugin})"
 
     def _make_entry(self, kind: str, obj: Any, source: str, plugin: str) -> _Entry:
         base = KINDS[kind]
@@ -188,27 +239,29 @@ class Registry:
         kind = _kind_of(obj)
         with self._lock:
             entry = self._make_entry(kind, obj, "runtime", "runtime")
-            taken = self._entries[kind].get(entry.name)
-            if taken is not None and not replace:
+            taken = self._taken(kind, entry.name)
+            if taken is not None and not (replace and taken.name == entry.name):
                 raise PluginError(
-                    f"a {kind} named {entry.name!r} is already registered by {taken.source} ({taken.plugin}); "
-                    "pass replace=True to replace it, or choose another name"
+                    self._taken_message(kind, entry.name, taken)
+                    + ("; pass replace=True to replace it, or choose another name" if taken.name == entry.name
+                       else "; choose a name that does not imitate another")
                 )
             self._entries[kind][entry.name] = entry
 
     def unregister(self, name: str, kind: str | None = None) -> None:
         self.ensure_loaded()
-        kinds = [kind] if kind else [k for k in KINDS if name in self._entries[k]]
-        if not kinds or any(name not in self._entries.get(k, {}) for k in kinds):
-            known = [n for k in KINDS for n in self._entries[k]]
-            raise UnknownPluginError(f"nothing is registered under {name!r}.{did_you_mean(name, known)}")
         with self._lock:
+            kinds = [kind] if kind else [k for k in KINDS if name in self._entries[k]]
+            if not kinds or any(name not in self._entries.get(k, {}) for k in kinds):
+                known = [n for k in KINDS for n in self._entries[k]]
+                raise UnknownPluginError(f"nothing is registered under {name!r}.{did_you_mean(name, known)}")
             for k in kinds:
                 del self._entries[k][name]
 
     def get(self, kind: str, name: str) -> Any:
         self.ensure_loaded()
-        entries = self._entries[kind]
+        with self._lock:
+            entries = dict(self._entries[kind])
         if not isinstance(name, str) or name not in entries:
             label = {"gradient": "gradient estimator"}.get(kind, kind)
             broken = [b for b in self._broken if b.name == name]
@@ -221,22 +274,27 @@ class Registry:
 
     def solvers_with_inverse(self) -> list[str]:
         self.ensure_loaded()
-        return sorted(n for n, e in self._entries["solver"].items() if e.obj.provides_inverse)
+        with self._lock:
+            return sorted(n for n, e in self._entries["solver"].items() if e.obj.provides_inverse)
 
     def backends(self) -> list[Backend]:
         self.ensure_loaded()
-        return [e.obj for e in self._entries["backend"].values()]
+        with self._lock:
+            return [e.obj for e in self._entries["backend"].values()]
 
     def infos(self) -> list[PluginInfo]:
         self.ensure_loaded()
+        with self._lock:
+            snapshot = {kind: list(entries.values()) for kind, entries in self._entries.items()}
+            broken = list(self._broken)
         rows = []
-        for kind, entries in self._entries.items():
-            for entry in entries.values():
+        for kind, entries in snapshot.items():
+            for entry in entries:
                 ok, reason = True, ""
                 if kind == "backend":
                     ok, reason = _safe_available(entry.obj)
                 rows.append(PluginInfo(kind, entry.name, entry.source, entry.plugin, ok, reason))
-        return rows + list(self._broken)
+        return rows + broken
 
 
 def _safe_available(backend: Backend) -> tuple[bool, str]:

@@ -26,8 +26,10 @@ raise ``ConvergenceError`` itself.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
+import threading
+import weakref
 from typing import Any, Callable
 
 from implicit_core import Backend, ImplicitError, SolveInfo, hookimpl
@@ -138,52 +140,25 @@ class JaxBackend(Backend):
         # One checked call first: the user's errors and wrong outputs become typed errors
         # before anything is traced for the loop.
         problem.call_user(problem.unflatten(z0))
-        try:  # traces the user's function once more: its errors are the user's, typed as such
-            fn_conv, consts = jax.closure_convert(problem.fn, problem.unflatten(z0), problem.args)
-        except ImplicitError:
-            raise
-        except Exception as exc:
-            raise problem.user_error(exc) from exc
-        solver: list[Any] = []  # the solver object, static: recorded while tracing the primal
+        fn_conv, consts, structure = _convert(problem, z0)
 
         def bind(args: Any, consts: Any) -> Any:
             return dataclasses.replace(problem, fn=lambda z, a: fn_conv(z, a, *consts), args=args, _checked=True)
 
-        @jax.custom_jvp
-        def implicit(z0: Any, args: Any, consts: Any) -> tuple[Any, Any, Any]:
-            # The loop is never differentiated: derivatives come from the rule below.
-            z0, args, consts = jax.lax.stop_gradient((z0, args, consts))
-            result = forward(bind(args, consts), z0)
-            solver[:] = [result.solver]
-            return result.z, result.info, result.state  # SolveInfo is a registered pytree
-
-        @implicit.defjvp
-        def implicit_jvp(primals, tangents):
-            z0, args, consts = primals
-            _, d_args, d_consts = tangents
-            # The primal through ``implicit`` itself: differentiating this rule again (grad of
-            # grad, hessians) differentiates z* by this same rule, never through the loop.
-            out = implicit(z0, args, consts)
-            z, _, state = out
-            p = bind(args, consts)
-            _, rhs = jax.jvp(lambda a, c: bind(a, c).F(z), (args, consts), (d_args, d_consts))
-            _, jvp_z = jax.linearize(p.F, z)
-            lin = None
-            if with_jacobian:
-                _, vjp_z = jax.vjp(p.F, z)
-                lin = lambda v: vjp_z(v)[0]  # noqa: E731
-
-            def tangent_solve(matvec, b):  # forward mode: dz* solves (I - J) dz = dF/dargs · dargs
-                return make_tangent(p)(jvp_z, b)
-
-            def adjoint_solve(vecmat, g):  # reverse mode: the chosen estimator's u ≈ (I - Jᵀ)⁻¹ g
-                forward_result = SolveResult(z=z, info=None, state=state, solver=solver[0])
-                return make_backward(p, forward_result, None)(g, lin)
-
-            dz = jax.lax.custom_linear_solve(lambda v: v - jvp_z(v), rhs, tangent_solve, adjoint_solve)
-            return out, (dz, *_zero_tangents(out[1:]))
-
-        z_flat, info, state = implicit(z0, problem.args, consts)
+        key = None
+        if problem.config_key is not None and all(self.is_concrete(x) for x in jax.tree_util.tree_leaves((z0, problem.args, consts))):
+            key = (structure, problem.config_key, _avals((z0, problem.args, consts)))
+        cached = _COMPILED.get(key) if key is not None else None
+        if cached is None:
+            run, solver = _implicit(bind, forward, make_backward, make_tangent, with_jacobian)
+            if key is not None:
+                # Eager calls: compiled once per function and configuration, then reused (the
+                # captured values are inputs, never constants of the compiled program).
+                run = jax.jit(run)
+                _COMPILED.put(key, (run, solver))
+        else:
+            run, solver = cached
+        z_flat, info, state = run(z0, problem.args, consts)
         if info.trace is not None and self.is_concrete(info.trace):
             # The loop ran max(steps) iterations: drop the unused rows, as eager backends do.
             info.trace = info.trace[: int(info.steps.max()) + 1]
@@ -197,11 +172,12 @@ class JaxBackend(Backend):
             if with_jacobian:
                 _, vjp_z = jax.vjp(p.F, z_flat)
                 lin = lambda v: vjp_z(v)[0]  # noqa: E731
-            forward_result = SolveResult(z=z_flat, info=info, state=state, solver=solver[0])
-            u = make_backward(p, forward_result, info)(problem.flatten(g), lin)
+            forward_result = SolveResult(z=z_flat, info=None, state=state, solver=solver[0])
+            u = make_backward(p, forward_result, info_ref())(problem.flatten(g), lin)
             _, vjp_args = jax.vjp(lambda a: bind(a, consts).F(z_flat), problem.args)
             return vjp_args(u)[0]
 
+        info_ref = weakref.ref(info)  # info.vjp refers to info: weakly, so no reference cycle
         info.vjp = vjp
         return problem.unflatten(z_flat), info
 
@@ -219,6 +195,108 @@ class JaxBackend(Backend):
         jax.debug.callback(lambda host: report(host, on_fail, stage), info)
 
 
+def _implicit(bind, forward, make_backward, make_tangent, with_jacobian):
+    """``(z0, args, consts) -> (z*, info, solver state)``, differentiable to every order."""
+    import jax
+
+    solver: list[Any] = []  # the solver object, static: recorded while tracing the primal
+
+    @jax.custom_jvp
+    def implicit(z0: Any, args: Any, consts: Any) -> tuple[Any, Any, Any]:
+        # The loop is never differentiated: derivatives come from the rule below.
+        z0, args, consts = jax.lax.stop_gradient((z0, args, consts))
+        result = forward(bind(args, consts), z0)
+        solver[:] = [result.solver]
+        return result.z, result.info, result.state  # SolveInfo is a registered pytree
+
+    @implicit.defjvp
+    def implicit_jvp(primals, tangents):
+        z0, args, consts = primals
+        _, d_args, d_consts = tangents
+        # The primal through ``implicit`` itself: differentiating this rule again (grad of
+        # grad, hessians) differentiates z* by this same rule, never through the loop.
+        out = implicit(z0, args, consts)
+        z, _, state = out
+        p = bind(args, consts)
+        _, rhs = jax.jvp(lambda a, c: bind(a, c).F(z), (args, consts), (d_args, d_consts))
+        _, jvp_z = jax.linearize(p.F, z)
+        lin = None
+        if with_jacobian:
+            _, vjp_z = jax.vjp(p.F, z)
+            lin = lambda v: vjp_z(v)[0]  # noqa: E731
+
+        def tangent_solve(matvec, b):  # forward mode: dz* solves (I - J) dz = dF/dargs · dargs
+            return make_tangent(p)(jvp_z, b)
+
+        def adjoint_solve(vecmat, g):  # reverse mode: the chosen estimator's u ≈ (I - Jᵀ)⁻¹ g
+            forward_result = SolveResult(z=z, info=None, state=state, solver=solver[0])
+            return make_backward(p, forward_result, None)(g, lin)
+
+        dz = jax.lax.custom_linear_solve(lambda v: v - jvp_z(v), rhs, tangent_solve, adjoint_solve)
+        return out, (dz, *_zero_tangents(out[1:]))
+
+    return implicit, solver
+
+
+def _convert(problem: Any, z0: Any) -> tuple[Callable[..., Any], list[Any], Any]:
+    """The user's function as ``fn(z, args, *consts)``, with every value it captures (arrays of
+    an enclosing trace, an Equinox model's weights, plain constants) an explicit input, so that
+    they receive derivatives and are never baked into a compiled program; and a hashable
+    description of the computation (for the compile cache)."""
+    import jax
+
+    fn_now = problem.fn
+    try:  # traces the user's function once more: its errors are the user's, typed as such
+        # A new function object each time: JAX's tracing cache, keyed by the function, would
+        # otherwise replay the first trace and miss values the function reads at call time.
+        closed, out_shape = jax.make_jaxpr(lambda z, a: fn_now(z, a), return_shape=True)(
+            problem.unflatten(z0), problem.args)
+    except ImplicitError:
+        raise
+    except Exception as exc:
+        raise problem.user_error(exc) from exc
+    jaxpr, out_tree = closed.jaxpr, jax.tree_util.tree_structure(out_shape)
+
+    def fn(z: Any, args: Any, *consts: Any) -> Any:
+        out = jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves((z, args)))
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    return fn, list(closed.consts), (str(jaxpr), str(out_tree))
+
+
+def _avals(tree: Any) -> tuple:
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (str(treedef),) + tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))) for x in leaves)
+
+
+class _LRU:
+    """A small bounded cache: memory stays flat however many distinct solves a program makes."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.items = size, collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+#: Compiled eager solves, keyed by the function's computation, the configuration and the
+#: shapes and dtypes of every input.
+_COMPILED = _LRU(64)
+
+
 def _zero_tangents(tree: Any) -> Any:
     """Zero tangents for outputs that carry no derivative (solve reports, solver state)."""
     import jax
@@ -232,13 +310,27 @@ def _zero_tangents(tree: Any) -> Any:
     return jax.tree_util.tree_map(zero, tree)
 
 
-@functools.lru_cache(maxsize=1)
+_REGISTERED = threading.Lock()
+_registered: list[bool] = []
+
+
 def _register_solve_info() -> None:
-    """Make ``SolveInfo`` a pytree, so that a jitted function can return it.
+    """Make ``SolveInfo`` a pytree, so that a jitted function can return it (once per process,
+    also when several threads make their first JAX solve at the same time).
 
     Its arrays are the children; the names are static; ``backward``, ``extras`` and ``vjp``
     (host-side objects) do not cross a ``jit`` boundary.
     """
+    if _registered:
+        return
+    with _REGISTERED:
+        if _registered:
+            return
+        _register_pytree()
+        _registered.append(True)
+
+
+def _register_pytree() -> None:
     import jax
 
     def flatten(info: SolveInfo):

@@ -10,7 +10,7 @@ import implicit_core as ic
 from implicit_core import ConfigurationError, GradientEstimator, SolveInfo, Solver
 
 #: ``fixed_point`` options that are not solver/estimator options.
-_CALL_OPTIONS = ("trace", "divergence", "higher_order")
+_CALL_OPTIONS = ("trace", "divergence", "higher_order", "batched")
 
 
 class DEQ(torch.nn.Module):
@@ -33,7 +33,9 @@ class DEQ(torch.nn.Module):
             Hutchinson estimate of ``||∂cell/∂z||_F^2 / n`` at ``z*`` averaged over the batch
             (Bai et al., 2021), differentiable w.r.t. the parameters: add
             ``gamma * deq.jac_loss`` to the loss.
-        **options: solver/estimator options (``m=5``, ``k=5``, ...) and ``trace``/``divergence``.
+        **options: solver/estimator options (``m=5``, ``k=5``, ...), ``trace``, ``divergence``,
+            ``higher_order=True`` (second derivatives: ``create_graph=True`` through the layer)
+            and ``batched=False`` (the whole state is one system).
 
     After each call ``self.info`` holds the :class:`implicit_core.SolveInfo` (per-sample steps,
     residuals, which samples failed; ``info.backward`` after ``backward()``).

@@ -209,3 +209,49 @@ def test_sharded_batch_equals_single_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+
+
+def test_vmap_over_unbatched_problems_reports_per_problem():
+    """batched=False under jax.vmap: each mapped problem is one system; info keeps the mapped
+    axis, and its methods name the failed problems."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((3, 5, 5))
+    A *= (np.array([0.5, 0.99, 0.7]) / np.linalg.norm(A, 2, axis=(1, 2)))[:, None, None]
+    b = jnp.asarray(rng.standard_normal((3, 5)))
+
+    def solve(A, b):
+        return ic.fixed_point(lambda z, a: a[0] @ z + a[1], jnp.zeros(5), (A, b), batched=False, tol=1e-10,
+                              solver="fixed_point", max_iter=60, on_fail="ignore")
+
+    z, info = jax.jit(jax.vmap(solve))(jnp.asarray(A), b)
+    assert info.steps.shape == (3, 1)
+    assert info.failed == [(1, 0)] and info.reasons() == {(1, 0): "max_iter reached"}
+    assert "2/3 converged" in info.summary()
+    for i in (0, 2):
+        np.testing.assert_allclose(np.asarray(z[i]), np.linalg.solve(np.eye(5) - A[i], np.asarray(b[i])), atol=1e-8)
+
+
+def test_repeated_eager_solves_compile_once_and_see_current_values(caplog):
+    """An eager call is compiled once per function, configuration and shapes; values the
+    function reads at call time (a reassigned global, a captured scalar) still take effect."""
+    import logging
+
+    W, c = _problem()
+    scale = {"s": 1.0}
+
+    def cell(z, a):
+        return jnp.tanh(scale["s"] * z @ W.T + a)
+
+    solve = lambda: ic.fixed_point(cell, jnp.zeros_like(c), c, tol=1e-11, max_iter=200)[0]  # noqa: E731
+    solve()
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            z1 = solve()
+        assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+        scale["s"] = 0.5  # the same function object, a different map
+        z2 = solve()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    np.testing.assert_allclose(np.asarray(z2), np.asarray(jnp.tanh(0.5 * z2 @ W.T + c)), atol=1e-9)
+    assert float(jnp.abs(z1 - z2).max()) > 1e-3
