@@ -13,6 +13,7 @@ from ._backend import Backend
 from ._errors import (
     BackendMismatchError,
     ConfigurationError,
+    ImplicitError,
     DeviceMismatchError,
     DTypeError,
     NonFiniteError,
@@ -93,7 +94,10 @@ def fixed_point(
     Returns:
         ``(z_star, info)``; ``info`` is a :class:`SolveInfo`.
     """
-    return _run(FIXED_POINT, f, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, batched, options)
+    try:
+        return _run(FIXED_POINT, f, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, batched, options)
+    except ImplicitError as exc:
+        raise _at_boundary(exc) from exc.__cause__
 
 
 def root(
@@ -120,7 +124,19 @@ def root(
     ``-g_L^T dg/dargs``. The default solver is Broyden's method, which does not need ``F`` to
     be contractive.
     """
-    return _run(ROOT, g, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, batched, options)
+    try:
+        return _run(ROOT, g, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, batched, options)
+    except ImplicitError as exc:
+        raise _at_boundary(exc) from exc.__cause__
+
+
+def _at_boundary(exc: ImplicitError) -> ImplicitError:
+    """The error without the library's own frames: raised where the user called us.
+
+    What the user did wrong is in the message; the frames of the library in between only bury
+    it. A cause (the user's function failing, a plugin's bug) keeps its full traceback.
+    """
+    return exc.with_traceback(None)
 
 
 def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail, backend, batched, options):
@@ -434,7 +450,7 @@ def _build_problem(
         if not xp.isdtype(leaf.dtype, "real floating"):
             raise DTypeError(
                 f"state leaf {i} of z0 has dtype {leaf.dtype}: the state must be real floating point "
-                "(float16/bfloat16 states are solved in float32 arithmetic); cast it, e.g. z0.astype(float32)"
+                "(float16/bfloat16 states are solved in float32 arithmetic); cast it to float32 or float64"
             )
         if leaf.dtype != dtype:
             raise DTypeError(
@@ -469,4 +485,4 @@ def _build_problem(
         # meaningful.
         solve_dtype=xp.float32 if xp.finfo(dtype).bits < 32 else dtype,
     )
-    return Problem(backend=be, layout=layout, fn=fn, args=args, form=form, user_vjp=user_vjp)
+    return Problem(backend=be, layout=layout, fn=be.wrap_function(fn, z0), args=args, form=form, user_vjp=user_vjp)

@@ -124,6 +124,11 @@ class Backend(abc.ABC):
         """``true_fn() if pred else false_fn()``; traced backends use their conditional primitive."""
         return true_fn() if bool(pred) else false_fn()
 
+    def wrap_function(self, fn: Callable[[Any, Any], Any], z0: Any) -> Callable[[Any, Any], Any]:
+        """The user's function as the solve calls it; a backend may run it in a context the
+        solver's own arithmetic must not see (torch: inside the caller's ``autocast``)."""
+        return fn
+
     def check_context(self) -> None:
         """Called once per solve before anything runs: raise a typed error in a context the
         backend cannot solve in (torch: inside a ``torch.func`` transform)."""

@@ -77,3 +77,11 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A " Did you mean 'x'?" suffix for error messages, or "" when nothing is close."""
     close = difflib.get_close_matches(str(name), sorted(choices), n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+# Shown as ``implicit_core.ShapeError`` (where users import them from), not the private module.
+for _cls in (ImplicitError, ConfigurationError, UnknownPluginError, ShapeError, DTypeError, BackendMismatchError,
+             DeviceMismatchError, BackendUnavailableError, PluginError, UserFunctionError, NonFiniteError,
+             ConvergenceError, ConvergenceWarning, PluginWarning):
+    _cls.__module__ = "implicit_core"
+del _cls

@@ -48,7 +48,8 @@ class ExplicitVJPBackend(Backend):
 
         def vjp(g: Any) -> Any:
             """``dL/dargs`` for the cotangent ``g = dL/dz*`` (same structure as ``z*``)."""
-            problem.check_output(g, what="the cotangent g passed to info.vjp")
+            problem.check_output(g, what="the cotangent g passed to info.vjp",
+                                 advice="pass dL/dz*, shaped like z* (np.ones_like(z) for L = sum(z*))")
             u = backward(problem.flatten(g))
             # dL/dargs = uᵀ ∂F/∂args; for root problems F = z - g, so it is (-u)ᵀ ∂g/∂args
             return self._call_vjp(problem, z_tree, -u if problem.form == ROOT else u)[1]

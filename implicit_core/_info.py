@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -127,4 +128,20 @@ def report(info: SolveInfo, on_fail: str, stage: str = "forward") -> None:
     )
     if on_fail == "raise":
         raise ConvergenceError(message, info)
-    warnings.warn(message, ConvergenceWarning, stacklevel=5)  # user -> fixed_point -> _run -> Backend.report
+    warnings.warn(message, ConvergenceWarning, stacklevel=user_stacklevel())
+
+
+#: Modules whose frames are not the user's: this library and its plugins, and the frameworks
+#: whose machinery runs a solve (an autograd engine, a JAX transformation, an Equinox wrapper).
+_LIBRARY_PREFIXES = ("implicit_", "torch", "jax", "jaxlib", "equinox", "contextlib", "functools", "threading")
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` that attributes a warning to the first frame outside the library."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not name.startswith(_LIBRARY_PREFIXES):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1

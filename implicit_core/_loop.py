@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ._errors import ConfigurationError
 from ._info import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, RECHECK_FAILED, RUNNING, SolveInfo
 from ._ops import bnorm, select
 from ._plugin_base import Solver, call_plugin, check_solver_state
@@ -20,6 +21,8 @@ STOP_MODES = ("abs", "rel")
 _INF = float("inf")
 #: Step counters are int32 on every backend: a larger max_iter can never be reached anyway.
 MAX_STEPS = 2**31 - 2
+#: The largest residual trace a traced (fixed-shape) loop preallocates.
+TRACE_LIMIT = 2**30
 
 
 @dataclass
@@ -64,6 +67,7 @@ def solve(
         a, r = residuals(problem, state["z"], state["fz"])
         return (a if stop_mode == "abs" else r), a, r
 
+    problem.max_steps = max_iter
     state = check_solver_state(solver, "init", call_plugin(solver, "init", problem, z0), z0)
     res, res_abs, res_rel = measure(state)
     finite = xp.isfinite(res)
@@ -84,9 +88,18 @@ def solve(
         "best_abs": res_abs,
         "best_rel": res_rel,
     }
-    if trace:
+    rows: list[Any] = []  # eager backends: the trace grows by one row per step taken
+    if trace and backend.traced:  # a fixed-shape loop needs its buffer up front
+        size = (max_iter + 1) * batch * 8
+        if size > TRACE_LIMIT:
+            raise ConfigurationError(
+                f"trace=True under {backend.name} preallocates (max_iter + 1) x batch residuals "
+                f"({size / 2**20:.0f} MiB for max_iter={max_iter}): lower max_iter, or trace eagerly"
+            )
         buffer = xp.full((max_iter + 1, batch), float("nan"), dtype=res.dtype, device=backend.device(res))
         carry["trace"] = backend.at_set(buffer, 0, res_abs)
+    elif trace:
+        rows.append(res_abs)
 
     def cond(c: dict[str, Any]) -> Any:
         return (c["k"] < max_iter) & xp.any(c["status"] == RUNNING)
@@ -113,8 +126,10 @@ def solve(
             "best_abs": xp.where(better, res_abs, c["best_abs"]),
             "best_rel": xp.where(better, res_rel, c["best_rel"]),
         }
-        if trace:
+        if trace and backend.traced:
             out["trace"] = backend.at_set(c["trace"], c["k"] + 1, xp.where(accept, res_abs, c["best_abs"]))
+        elif trace:
+            rows.append(xp.where(accept, res_abs, c["best_abs"]))
         return out
 
     carry = backend.while_loop(cond, body, carry)
@@ -124,7 +139,7 @@ def solve(
     status = xp.astype(status, int_dtype)
     trace_out = carry.get("trace")
     if trace and not backend.traced:
-        trace_out = trace_out[: int(carry["k"]) + 1]
+        trace_out = xp.stack(rows)
     info = SolveInfo(
         steps=carry["steps"],
         residual=carry["best_abs"],

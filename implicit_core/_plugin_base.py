@@ -154,6 +154,8 @@ def call_plugin(plugin: Any, method: str, *args: Any) -> Any:
     except ImplicitError:
         raise
     except Exception as exc:
+        if isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__:
+            raise  # the machine ran out of memory: nobody's bug, reported as what it is
         raise PluginError(
             f"{_describe(plugin)} raised {type(exc).__name__} in {method}(): {exc}. "
             "This is a bug in that plugin; other solvers and estimators are unaffected."
@@ -172,13 +174,6 @@ def check_solver_state(solver: Any, method: str, state: Any, like: Any) -> Any:
 
 def check_like(plugin: Any, what: str, value: Any, like: Any) -> Any:
     """``value`` must be an array of ``like``'s library, shape, dtype and device."""
-    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    if shape is None or tuple(shape) != tuple(like.shape) or dtype != like.dtype:
-        found = f"shape {tuple(shape)} and dtype {dtype}" if shape is not None else f"a {type(value).__name__}"
-        raise PluginError(
-            f"{_describe(plugin)}: {what} has {found}; expected shape {tuple(like.shape)} and dtype "
-            f"{like.dtype} (flat (batch, n), the solve's dtype)"
-        )
     if type(value) is not type(like):
         try:
             same_library = array_api_compat.array_namespace(value) is array_api_compat.array_namespace(like)
@@ -190,6 +185,13 @@ def check_like(plugin: Any, what: str, value: Any, like: Any) -> Any:
                 f"solve runs on {type(like).__module__}.{type(like).__name__} arrays: compute with the "
                 "problem's namespace (problem.xp)"
             )
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or tuple(shape) != tuple(like.shape) or dtype != like.dtype:
+        found = f"shape {tuple(shape)} and dtype {dtype}" if shape is not None else f"a {type(value).__name__}"
+        raise PluginError(
+            f"{_describe(plugin)}: {what} has {found}; expected shape {tuple(like.shape)} and dtype "
+            f"{like.dtype} (flat (batch, n), the solve's dtype)"
+        )
     try:  # placement is known for eager arrays (a traced one may not say)
         device, other = like.device, value.device
         moved = device is not None and not callable(device) and other != device

@@ -71,6 +71,9 @@ class Problem:
     flat_fn: Callable[[Any], Any] | None = None
     #: Autodiff backends record what second derivatives of ``z*`` need (``higher_order=True``).
     higher_order: bool = False
+    #: The most steps the running solve may take (set by the loop before ``Solver.init``):
+    #: solvers size their histories by what can actually be used.
+    max_steps: int = 2**31 - 2
     #: A hashable description of everything about the solve besides the function and the
     #: arrays (solver, estimator, stopping rule, ...), for backends that cache compiled solves;
     #: ``None`` when some option has no value-based description (a callable, an object).
@@ -153,13 +156,15 @@ class Problem:
         out = self.flatten(self.call_user(self.unflatten(z)))
         return z - out if self.form == ROOT else out
 
-    def check_output(self, out: Any, what: str) -> None:
+    def check_output(self, out: Any, what: str, advice: str = "a fixed-point map must map the state onto itself") -> None:
         be, lay = self.backend, self.layout
         leaves, treedef = be.tree_flatten(out)
         if len(leaves) != len(lay.shapes) or treedef != lay.treedef:
+            shown = lambda tree, n: f"{type(tree).__name__} of {n} array(s)" if isinstance(tree, (tuple, list, dict)) else "single array"  # noqa: E731
+            state = self.unflatten(be.xp.zeros((lay.batch, lay.n), dtype=lay.solve_dtype)) if len(lay.shapes) else None
             raise ShapeError(
-                f"{what} has a structure with {len(leaves)} array(s), but the state z0 has "
-                f"{len(lay.shapes)}: the function must return the same structure as its input state."
+                f"{what} is a {shown(out, len(leaves))}, but the state z0 is a {shown(state, len(lay.shapes))}: "
+                f"it must have the same structure (container types included) as z0; {advice}."
             )
         for i, (leaf, shape) in enumerate(zip(leaves, lay.shapes)):
             if not be.owns(leaf):
@@ -171,7 +176,7 @@ class Problem:
             if tuple(leaf.shape) != expect:
                 raise ShapeError(
                     f"{what} has shape {tuple(leaf.shape)} for state leaf {i}, expected {expect} "
-                    f"(the shape of z0): a fixed-point map must map the state onto itself."
+                    f"(the shape of z0): {advice}."
                 )
             if leaf.dtype != lay.dtype:
                 raise DTypeError(

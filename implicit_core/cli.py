@@ -101,17 +101,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _training_options(p: argparse.ArgumentParser, epochs_help: str) -> None:
     p.add_argument("--solver", help="forward solver (see `implicit-core plugins`)")
-    p.add_argument("--epochs", type=int, help=epochs_help)
+    p.add_argument("--epochs", type=_positive_int, help=epochs_help)
     p.add_argument("--seed", type=int, help="data split, initialisation and batch order (default 0)")
-    p.add_argument("--hidden", type=int, help="width of the implicit layer (default 64)")
+    p.add_argument("--hidden", type=_positive_int, help="width of the implicit layer (default 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line saying what is wrong (``--help`` shows the usage), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="implicit-core", description="Implicit layers on every array framework.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="implicit-core", description="Implicit layers on every array framework.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("plugins", help="list backends, solvers and gradient estimators and where they come from")
     p.add_argument("--plain", action="store_true", help="plain text even on a terminal")
     p.set_defaults(func=cmd_plugins)

@@ -32,7 +32,7 @@ import threading
 import weakref
 from typing import Any, Callable
 
-from implicit_core import Backend, ImplicitError, SolveInfo, hookimpl
+from implicit_core import Backend, ConfigurationError, ImplicitError, SolveInfo, hookimpl
 from implicit_core._loop import SolveResult
 
 #: SolveInfo fields returned by the custom-VJP rule as arrays.
@@ -166,7 +166,8 @@ class JaxBackend(Backend):
         def vjp(g: Any) -> Any:
             """``dL/dargs`` for ``g = dL/dz*``, as on NumPy: the estimator runs here, eagerly when
             called outside a trace, and its backward solve's report lands in ``info.backward``."""
-            problem.check_output(g, what="the cotangent g passed to info.vjp")
+            problem.check_output(g, what="the cotangent g passed to info.vjp",
+                                 advice="pass dL/dz*, shaped like z* (jnp.ones_like(z) for L = sum(z*))")
             p = bind(problem.args, consts)
             lin = None
             if with_jacobian:
@@ -245,6 +246,16 @@ def _convert(problem: Any, z0: Any) -> tuple[Callable[..., Any], list[Any], Any]
     description of the computation (for the compile cache)."""
     import jax
 
+    import numbers
+
+    import numpy as np
+
+    for leaf in jax.tree_util.tree_leaves(problem.args):
+        if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, numbers.Number)) or hasattr(leaf, "__jax_array__")):
+            raise ConfigurationError(
+                f"args holds a {type(leaf).__name__} ({leaf!r:.40}): on JAX, args are traced and may hold "
+                "only arrays and numbers. Close over other values in f instead (f = lambda z, a: g(z, a, mode))"
+            )
     fn_now = problem.fn
     try:  # traces the user's function once more: its errors are the user's, typed as such
         # A new function object each time: JAX's tracing cache, keyed by the function, would

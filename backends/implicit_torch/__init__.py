@@ -68,7 +68,34 @@ class TorchBackend(Backend):
     def forward_context(self) -> contextlib.AbstractContextManager:
         import torch
 
-        return torch.no_grad()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(_solver_precision())
+        return stack
+
+    def wrap_function(self, fn: Callable[[Any, Any], Any], z0: Any) -> Callable[[Any, Any], Any]:
+        import torch
+
+        enabled = [(d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if not enabled:
+            return fn
+        dtypes = [leaf.dtype for leaf in self.tree_flatten(z0)[0]]
+
+        def under_autocast(z: Any, args: Any) -> Any:
+            # The caller's autocast applies to their function, not to the solver's arithmetic:
+            # the cell runs in reduced precision, its output is handed back in the state's dtype.
+            with contextlib.ExitStack() as stack:
+                for device, dtype in enabled:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
+                out = fn(z, args)
+            leaves, treedef = self.tree_flatten(out)
+            if len(leaves) != len(dtypes):
+                return out  # a wrong structure: the output check says so
+            cast = [x.to(d) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != d else x
+                    for x, d in zip(leaves, dtypes)]
+            return self.tree_unflatten(treedef, cast)
+
+        return under_autocast
 
     def _graph(self, problem, z: Any, differentiable_in_z: bool = True) -> tuple[Any, Any]:
         """``F`` re-evaluated at a detached ``z`` with autograd recording."""
@@ -135,6 +162,10 @@ class TorchBackend(Backend):
         def hook(g: Any) -> Any:
             if g is None:  # an undefined incoming gradient stays undefined
                 return None
+            with _solver_precision():
+                return estimate(g)
+
+        def estimate(g: Any) -> Any:
             lin = JT if with_jacobian else None
             if not torch.is_grad_enabled():  # first-order pass (no create_graph)
                 if order is not None and order.differentiated():
@@ -165,6 +196,21 @@ class TorchBackend(Backend):
         result = z_in.detach() + (out - out.detach())
         result.register_hook(hook)
         return problem.unflatten(result), None
+
+
+#: Device types whose autocast state the solve respects (the user's function) and suspends (the solver).
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _solver_precision() -> contextlib.AbstractContextManager:
+    """The solver's own arithmetic outside any autocast region (it keeps the state's dtype)."""
+    import torch
+
+    stack = contextlib.ExitStack()
+    for device in _AUTOCAST_DEVICES:
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 def _reaches_other_leaves(out: Any, z_in: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,14 +39,25 @@ class DEQ(torch.nn.Module):
             and ``batched=False`` (the whole state is one system).
 
     After each call ``self.info`` holds the :class:`implicit_core.SolveInfo` (per-sample steps,
-    residuals, which samples failed; ``info.backward`` after ``backward()``).
+    residuals, which samples failed; ``info.backward`` after ``backward()``). ``info`` and
+    ``jac_loss`` belong to the calling thread: a layer shared by threads (a server, data-loader
+    workers) gives each thread the diagnostics of its own last call. ``jac_loss`` is released
+    once it has been backpropagated, so the layer never keeps a step's graph alive; a copy of the
+    layer (``copy.deepcopy``, EMA and best-model copies) starts with no diagnostics.
 
     Gradients are available in ``.eval()`` as in ``.train()``: the mode changes nothing
     about the solve. Under ``torch.no_grad()`` only the forward solve runs.
     """
 
-    info: SolveInfo | None
-    jac_loss: torch.Tensor | None
+    @property
+    def info(self) -> SolveInfo | None:
+        """The :class:`~implicit_core.SolveInfo` of this thread's last forward pass."""
+        return self._diagnostics.get("info")
+
+    @property
+    def jac_loss(self) -> torch.Tensor | None:
+        """This thread's last Jacobian-regularisation term (``jac_reg=True``, training mode)."""
+        return self._diagnostics.get("jac_loss")
 
     def __init__(
         self,
@@ -63,6 +75,7 @@ class DEQ(torch.nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
+        ic.check_stopping_rule(tol, max_iter, stop_mode, on_fail)  # at construction, not at the first call
         if not callable(cell):
             raise ConfigurationError(f"cell must be callable cell(z, x) -> z, got {type(cell).__name__}")
         if init is not None and not callable(init):
@@ -74,8 +87,7 @@ class DEQ(torch.nn.Module):
         self.solver, self.gradient = ic.resolve_plugins(solver, gradient, **options)
         self.tol, self.max_iter, self.stop_mode, self.on_fail = tol, max_iter, stop_mode, on_fail
         self.jac_reg = bool(jac_reg)
-        self.info = None
-        self.jac_loss = None
+        self._diagnostics = _PerThread()
 
     def _f(self, z: Any, x: torch.Tensor) -> Any:
         return self.cell(z, x)
@@ -92,16 +104,27 @@ class DEQ(torch.nn.Module):
         return x.new_zeros((batch, *self.state_shape))
 
     def forward(self, x: torch.Tensor, z0: Any = None) -> Any:
+        guessed = z0 is None and self.init is None and self.state_shape is None
         if z0 is None:
             z0 = self.initial_state(x)
-        z, self.info = ic.fixed_point(
-            self._f, z0, x, solver=self.solver, gradient=self.gradient, tol=self.tol,
-            max_iter=self.max_iter, stop_mode=self.stop_mode, on_fail=self.on_fail, **self.call_options,
-        )
-        self.jac_loss = None
+        try:
+            z, info = ic.fixed_point(
+                self._f, z0, x, solver=self.solver, gradient=self.gradient, tol=self.tol,
+                max_iter=self.max_iter, stop_mode=self.stop_mode, on_fail=self.on_fail, **self.call_options,
+            )
+        except (ic.ShapeError, ic.UserFunctionError) as exc:
+            if not guessed:
+                raise
+            raise type(exc)(
+                f"{exc} — the layer started from zeros_like(x), of shape {tuple(x.shape)}, because it was "
+                "given no state_shape: pass DEQ(..., state_shape=(n,)) with the cell's per-sample state "
+                "shape, or init= / z0="
+            ).with_traceback(None) from exc.__cause__
+        jac_loss = None
         if self.jac_reg and self.training and torch.is_grad_enabled():
             seed = int(torch.randint(0, 2**31 - 1, ()))  # follows torch.manual_seed
-            self.jac_loss = ic.jacobian_regularisation(self._f, z, x, seed=seed).mean()
+            jac_loss = ic.jacobian_regularisation(self._f, z, x, seed=seed).mean()
+        self._diagnostics.set(info=info, jac_loss=jac_loss)
         return z
 
     def spectral_radius(self, x: torch.Tensor, z: Any = None, n_iter: int = 30) -> torch.Tensor:
@@ -111,10 +134,10 @@ class DEQ(torch.nn.Module):
         the consequence, this shows the cause.
         """
         if z is None:
-            last = self.info
+            last = self._diagnostics.snapshot()
             with torch.no_grad():
                 z = self.forward(x)
-            self.info = last
+            self._diagnostics.restore(last)
         return ic.spectral_radius(self._f, z, x, n_iter=n_iter)
 
     def extra_repr(self) -> str:
@@ -142,3 +165,45 @@ def _normalise_shape(shape: Any) -> tuple | None:
     raise ConfigurationError(
         f"state_shape must be a per-sample shape like (64,) or, for tuple states, ((64,), (8, 8)); got {shape!r}"
     )
+
+
+class _PerThread:
+    """Diagnostics of the last call, one slot per thread; a copy starts empty."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Any:
+        return self._slots.get(threading.get_ident(), {}).get(name)
+
+    def set(self, **values: Any) -> None:
+        ident = threading.get_ident()
+        jac_loss = values.get("jac_loss")
+        if jac_loss is not None and jac_loss.requires_grad:
+            # Dropped once backpropagated: the module must not keep the step's graph alive.
+            jac_loss.register_hook(lambda grad, ident=ident: self._drop(ident, "jac_loss"))
+        with self._lock:
+            live = {t.ident for t in threading.enumerate()}
+            self._slots = {k: v for k, v in self._slots.items() if k in live}  # finished threads
+            self._slots[ident] = values
+
+    def _drop(self, ident: int, name: str) -> None:
+        with self._lock:
+            self._slots.get(ident, {}).pop(name, None)
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self._slots.get(threading.get_ident(), {}))
+
+    def restore(self, values: dict[str, Any]) -> None:
+        with self._lock:
+            self._slots[threading.get_ident()] = values
+
+    def __deepcopy__(self, memo: dict) -> "_PerThread":
+        return _PerThread()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()

@@ -16,8 +16,10 @@ class Anderson(Solver):
     ``min_alpha alpha^T (G G^T + lam_k I) alpha`` subject to ``sum(alpha) = 1``, whose solution
     is ``alpha = y / sum(y)`` with ``(G G^T + lam_k I) y = 1``, then moves to
     ``z <- beta alpha^T F(X) + (1 - beta) alpha^T X = alpha^T F(X) - (1 - beta) alpha^T G``.
-    ``lam_k = lam * max diag(G G^T)`` scales the regularisation with the residuals, so it
-    neither vanishes far from the solution nor swamps the system close to it.
+    ``lam_k = lam * ||g_k||^2`` (the newest residual) scales the regularisation with the
+    residuals, so it neither vanishes far from the solution nor swamps the system close to it;
+    scaled by the largest residual in the history instead, it would be set by the oldest ones
+    and stall a long history (m = 31: 34–60 steps where this takes 15–19).
 
     The Gram matrix ``G G^T`` is kept in the state and updated by one row and column per step
     (one ``(m, n)`` product instead of ``(m, m, n)``). Slots not filled yet get an identity
@@ -43,16 +45,17 @@ class Anderson(Solver):
         g = fz - z0
         batch, n = z0.shape
         device = be.device(z0)
-        Fx = be.at_set(xp.zeros((batch, self.m, n), dtype=z0.dtype, device=device), (slice(None), 0), fz)
-        G = be.at_set(xp.zeros((batch, self.m, n), dtype=z0.dtype, device=device), (slice(None), 0), g)
-        GG = xp.zeros((batch, self.m, self.m), dtype=z0.dtype, device=device)
+        m = min(self.m, problem.max_steps + 1)  # no slot that the solve cannot fill
+        Fx = be.at_set(xp.zeros((batch, m, n), dtype=z0.dtype, device=device), (slice(None), 0), fz)
+        G = be.at_set(xp.zeros((batch, m, n), dtype=z0.dtype, device=device), (slice(None), 0), g)
+        GG = xp.zeros((batch, m, m), dtype=z0.dtype, device=device)
         GG = be.at_set(GG, (slice(None), 0, 0), bdot(xp, g, g))
         return {"z": z0, "fz": fz, "F": Fx, "G": G, "GG": GG}
 
     def step(self, problem, state, k, active) -> dict[str, Any]:
         xp, be = problem.xp, problem.backend
         Fx, G, GG = state["F"], state["G"], state["GG"]
-        m = self.m
+        m = GG.shape[-1]
         dtype, device = GG.dtype, be.device(GG)
         slots = xp.arange(m, device=device)
         valid = slots < (k + 1)  # history slots filled so far, (m,)
@@ -60,7 +63,8 @@ class Anderson(Solver):
         diag = xp.linalg.diagonal(GG)
         # A floor of 10 eps keeps an exactly rank-deficient history (lam = 0) solvable.
         finfo = xp.finfo(dtype)
-        reg = max(self.lam, 10 * float(finfo.eps)) * xp.max(diag, axis=-1) + float(finfo.tiny) ** 0.5
+        newest = xp.sum(diag * xp.astype(slots == (k % m), dtype)[None, :], axis=-1)
+        reg = max(self.lam, 10 * float(finfo.eps)) * newest + float(finfo.tiny) ** 0.5
         # GG is zero outside the filled block; unfilled slots get 1 on the diagonal.
         shift = xp.where(valid[None, :], reg[:, None], 1.0)
         A = GG + xp.eye(m, dtype=dtype, device=device)[None] * shift[:, None, :]

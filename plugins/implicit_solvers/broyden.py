@@ -86,6 +86,10 @@ class Broyden(Solver):
     def _offset(self) -> int:
         return 0 if self.initial_inverse is None else self.initial_inverse.rank
 
+    def _slots(self, state: dict[str, Any]) -> int:
+        """Rank-one slots of this solve's buffers (``m``, or fewer for a short solve)."""
+        return int(state["U"].shape[1]) - self._offset()
+
     def _opa_fires(self, k: Any) -> Any:
         return (k > 0) & (k % self.opa_freq == 0)
 
@@ -93,12 +97,12 @@ class Broyden(Solver):
         """``H`` before this step's update; eager backends skip the columns not yet written."""
         U, V = state["U"], state["V"]
         if not problem.backend.traced:
-            cols = self._offset() + min(int(written), self.m)
+            cols = self._offset() + min(int(written), self._slots(state))
             U, V = U[:, :cols], V[:, :cols]
         return LowRankInverse(U, V, problem.xp, state["scale"])
 
     def _write(self, problem, state, index, u, v, active):
-        slot = self._offset() + index % self.m
+        slot = self._offset() + index % self._slots(state)
         state["U"] = write_row(problem, state["U"], slot, u, active)
         state["V"] = write_row(problem, state["V"], slot, v, active)
 
@@ -120,7 +124,9 @@ class Broyden(Solver):
     def init(self, problem, z0) -> dict[str, Any]:
         xp, be = problem.xp, problem.backend
         batch, n = z0.shape
-        shape = (batch, self.m, n)
+        # No more rank-one slots than the solve can write (one per step, two with OPA).
+        m = min(self.m, problem.max_steps * (2 if self.opa is not None else 1))
+        shape = (batch, m, n)
         # Zeros, not uninitialised memory: a sample that stops early never writes its later
         # columns, and the inverse estimate handed to SHINE reads every column.
         U = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
@@ -201,6 +207,6 @@ class Broyden(Solver):
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
         U, V = state["U"], state["V"]
         if not problem.backend.traced:  # only the columns some sample wrote
-            cols = self._offset() + min(int(problem.xp.max(state["count"])), self.m)
+            cols = self._offset() + min(int(problem.xp.max(state["count"])), self._slots(state))
             U, V = U[:, :cols], V[:, :cols]
         return LowRankInverse(U, V, problem.xp, state["scale"])
