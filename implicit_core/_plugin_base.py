@@ -174,7 +174,8 @@ def check_solver_state(solver: Any, method: str, state: Any, like: Any) -> Any:
 
 def check_like(plugin: Any, what: str, value: Any, like: Any) -> Any:
     """``value`` must be an array of ``like``'s library, shape, dtype and device."""
-    if type(value) is not type(like):
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and type(value) is not type(like):
         try:
             same_library = array_api_compat.array_namespace(value) is array_api_compat.array_namespace(like)
         except TypeError:
@@ -185,7 +186,6 @@ def check_like(plugin: Any, what: str, value: Any, like: Any) -> Any:
                 f"solve runs on {type(like).__module__}.{type(like).__name__} arrays: compute with the "
                 "problem's namespace (problem.xp)"
             )
-    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or tuple(shape) != tuple(like.shape) or dtype != like.dtype:
         found = f"shape {tuple(shape)} and dtype {dtype}" if shape is not None else f"a {type(value).__name__}"
         raise PluginError(

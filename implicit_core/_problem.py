@@ -160,7 +160,11 @@ class Problem:
         be, lay = self.backend, self.layout
         leaves, treedef = be.tree_flatten(out)
         if len(leaves) != len(lay.shapes) or treedef != lay.treedef:
-            shown = lambda tree, n: f"{type(tree).__name__} of {n} array(s)" if isinstance(tree, (tuple, list, dict)) else "single array"  # noqa: E731
+            def shown(tree: Any, n: int) -> str:
+                if tree is None:
+                    return "None"
+                return f"{type(tree).__name__} of {n} array(s)" if isinstance(tree, (tuple, list, dict)) else "single array"
+
             state = self.unflatten(be.xp.zeros((lay.batch, lay.n), dtype=lay.solve_dtype)) if len(lay.shapes) else None
             raise ShapeError(
                 f"{what} is a {shown(out, len(leaves))}, but the state z0 is a {shown(state, len(lay.shapes))}: "

@@ -89,7 +89,7 @@ def test_bad_states(be, case):
         (dict(z0=xp.full((5, 8), float("inf"), dtype=z0.dtype)), ic.NonFiniteError, "NaN or Inf"),
         (dict(args=(case.args[0] * float("nan"), case.args[1])), ic.NonFiniteError, "args contains"),
         (dict(f=lambda z, a: 1 / 0), ic.UserFunctionError, "f\\(z0\\) raised ZeroDivisionError"),
-        (dict(f=lambda z, a: None), ic.ImplicitError, "gave a builtins.NoneType|structure with 0 array"),
+        (dict(f=lambda z, a: None), ic.ImplicitError, "gave a builtins.NoneType|is a None, but the state z0 is a single array"),
         (dict(f=lambda z, a: xp.astype(case.f(z, a) * 10, xp.int64)), ic.DTypeError, "dtype"),
     ]
     for kwargs, error, message in cases:

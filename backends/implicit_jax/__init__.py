@@ -164,18 +164,52 @@ class JaxBackend(Backend):
             info.trace = info.trace[: int(info.steps.max()) + 1]
 
         def vjp(g: Any) -> Any:
-            """``dL/dargs`` for ``g = dL/dz*``, as on NumPy: the estimator runs here, eagerly when
-            called outside a trace, and its backward solve's report lands in ``info.backward``."""
+            """``dL/dargs`` for ``g = dL/dz*``, as on NumPy: the estimator runs here (compiled once
+            per key when called eagerly), and its backward solve's report lands in ``info.backward``."""
             problem.check_output(g, what="the cotangent g passed to info.vjp",
                                  advice="pass dL/dz*, shaped like z* (jnp.ones_like(z) for L = sum(z*))")
-            p = bind(problem.args, consts)
+            g_flat = problem.flatten(g)
+            if key is None or not self.is_concrete(g_flat):
+                sink = SolveInfo(None, None, None, None, None)
+                d_args = pullback(z_flat, state, problem.args, consts, g_flat, sink)
+                target = info_ref()
+                if target is not None:
+                    target.backward, target.extras = sink.backward, {**target.extras, **sink.extras}
+                return d_args
+            compiled = _COMPILED.get(("vjp",) + key)
+            if compiled is None:
+                reports: list[tuple[str, str]] = []
+
+                def traced(z_flat, state, args, consts, g_flat):
+                    sink = SolveInfo(None, None, None, None, None)
+                    _DEFERRED.reports = reports
+                    try:
+                        d_args = pullback(z_flat, state, args, consts, g_flat, sink)
+                    finally:
+                        _DEFERRED.reports = None
+                    return d_args, sink.backward, sink.extras
+
+                compiled = (jax.jit(traced), reports)
+                _COMPILED.put(("vjp",) + key, compiled)
+            run_vjp, reports = compiled
+            d_args, backward, extras = run_vjp(z_flat, state, problem.args, consts, g_flat)
+            target = info_ref()
+            if target is not None:
+                target.backward, target.extras = backward, {**target.extras, **extras}
+            for on_fail, stage in reports:
+                if backward is not None:
+                    self.report(backward, on_fail, stage)
+            return d_args
+
+        def pullback(z_flat, state, args, consts, g_flat, sink):
+            p = bind(args, consts)
             lin = None
             if with_jacobian:
                 _, vjp_z = jax.vjp(p.F, z_flat)
                 lin = lambda v: vjp_z(v)[0]  # noqa: E731
             forward_result = SolveResult(z=z_flat, info=None, state=state, solver=solver[0])
-            u = make_backward(p, forward_result, info_ref())(problem.flatten(g), lin)
-            _, vjp_args = jax.vjp(lambda a: bind(a, consts).F(z_flat), problem.args)
+            u = make_backward(p, forward_result, sink)(g_flat, lin)
+            _, vjp_args = jax.vjp(lambda a: bind(a, consts).F(z_flat), args)
             return vjp_args(u)[0]
 
         info_ref = weakref.ref(info)  # info.vjp refers to info: weakly, so no reference cycle
@@ -183,17 +217,24 @@ class JaxBackend(Backend):
         return problem.unflatten(z_flat), info
 
     def report(self, info: Any, on_fail: str, stage: str = "forward") -> None:
-        from implicit_core._info import report
-
         if on_fail == "ignore":
             return
+        deferred = getattr(_DEFERRED, "reports", None)
+        if deferred is not None:  # tracing a cached eager backward: reported after it ran
+            deferred.append((on_fail, stage))
+            return
         if all(self.is_concrete(getattr(info, f)) for f in _INFO_FIELDS):
-            report(info, on_fail, stage)
+            super().report(info, on_fail, stage)
             return
         import jax
 
         # The callback receives the SolveInfo pytree with host arrays in place of tracers.
-        jax.debug.callback(lambda host: report(host, on_fail, stage), info)
+        jax.debug.callback(lambda host: Backend.report(self, host, on_fail, stage), info)
+
+
+#: While a cached eager backward is traced, the reports it would make (on_fail, stage) are
+#: collected here and made from its concrete results once it has run.
+_DEFERRED = threading.local()
 
 
 def _implicit(bind, forward, make_backward, make_tangent, with_jacobian):

@@ -48,8 +48,10 @@ def _training_step_peak(solver, gradient, iterations, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("solver,gradient", PAIRS)
 def test_peak_memory_does_not_grow_with_iterations(solver, gradient, device):
-    few, many = (_training_step_peak(solver, gradient, k, device) for k in (10, 100))
-    assert many <= 1.10 * few, f"peak {few} B at 10 iterations, {many} B at 100"
+    # From 40 iterations on, every history slot (Broyden: m = 30) is in use: beyond, no growth.
+    # (A shorter solve allocates fewer slots, so it peaks lower still.)
+    few, many = (_training_step_peak(solver, gradient, k, device) for k in (40, 200))
+    assert many <= 1.10 * few, f"peak {few} B at 40 iterations, {many} B at 200"
 
 
 @pytest.mark.parametrize("device", DEVICES)
