@@ -70,27 +70,27 @@ def test_vmap_over_a_batch_of_problems():
     for i in range(3):
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(layer(Ws[i], c)), atol=1e-12)
     grads = jax.vmap(jax.grad(lambda W, c: jnp.sum(layer(W, c))), in_axes=(0, None))(Ws, c)
+    one = jax.jit(jax.grad(lambda W: jnp.sum(layer(W, c))))  # compiled once for the three problems
     for i in range(3):
-        np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(jax.grad(lambda W: jnp.sum(layer(W, c)))(Ws[i])),
-                                   atol=1e-10)
+        np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(one(Ws[i])), atol=1e-10)
 
 
-@pytest.mark.parametrize("solver", ["anderson", "broyden"])
-def test_derivatives_of_every_order_with_ift(solver):
-    """jvp, jacfwd = jacrev, grad of grad and the hessian, against finite differences (float64)."""
+def test_derivatives_of_every_order_with_ift():
+    """jvp, jacfwd = jacrev and grad of grad, against finite differences (float64); the hessian
+    (forward over reverse) and Broyden in the root test below. Each derivative is compiled once
+    (jit) and evaluated at the points the differences need."""
     W, c = _problem()
-    layer = _layer(solver, ic.get_gradient("ift", tol=1e-12, max_iter=300), tol=1e-12, max_iter=300)
-    L = lambda s: jnp.sum(layer(W * s, c) ** 2)  # noqa: E731
+    layer = _layer("anderson", ic.get_gradient("ift", tol=1e-12, max_iter=300), tol=1e-12, max_iter=300)
+    L = jax.jit(lambda s: jnp.sum(layer(W * s, c) ** 2))
     h = 1e-5
+    d1 = jax.jit(jax.grad(L))
     fd1 = (L(1.0 + h) - L(1.0 - h)) / (2 * h)
-    _, tangent = jax.jvp(L, (1.0,), (1.0,))
-    np.testing.assert_allclose(float(tangent), float(fd1), rtol=1e-6)
-    d1 = jax.grad(L)
+    np.testing.assert_allclose(float(jax.jit(lambda s: jax.jvp(L, (s,), (1.0,))[1])(1.0)), float(fd1), rtol=1e-6)
     fd2 = (d1(1.0 + h) - d1(1.0 - h)) / (2 * h)
-    np.testing.assert_allclose(float(jax.grad(d1)(1.0)), float(fd2), rtol=1e-5)
-    np.testing.assert_allclose(float(jax.jit(jax.hessian(L))(1.0)), float(fd2), rtol=1e-5)
+    np.testing.assert_allclose(float(jax.jit(jax.grad(d1))(1.0)), float(fd2), rtol=1e-5)
     rows = lambda c: layer(W, c).sum(0)  # noqa: E731
-    np.testing.assert_allclose(np.asarray(jax.jacfwd(rows)(c)), np.asarray(jax.jacrev(rows)(c)), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.jacfwd(rows))(c)), np.asarray(jax.jit(jax.jacrev(rows))(c)),
+                               rtol=0, atol=1e-8)
 
 
 def test_derivatives_of_a_root_through_forward_and_reverse_mode():
@@ -99,10 +99,12 @@ def test_derivatives_of_a_root_through_forward_and_reverse_mode():
     solve = lambda c: ic.root(lambda z, a: _cell(z, a) - z, jnp.zeros_like(c), (W, c), tol=1e-11,  # noqa: E731
                               max_iter=200, gradient=ic.get_gradient("ift", tol=1e-11, max_iter=300))[0]
     rows = lambda c: solve(c).sum(0)  # noqa: E731
-    np.testing.assert_allclose(np.asarray(jax.jacfwd(rows)(c)), np.asarray(jax.jacrev(rows)(c)), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.jacfwd(rows))(c)), np.asarray(jax.jit(jax.jacrev(rows))(c)),
+                               rtol=0, atol=1e-8)
     L = lambda s: jnp.sum(solve(c * s) ** 3)  # noqa: E731
-    d1, h = jax.grad(L), 1e-5
-    np.testing.assert_allclose(float(jax.hessian(L)(1.0)), float((d1(1.0 + h) - d1(1.0 - h)) / (2 * h)), rtol=1e-5)
+    d1, h = jax.jit(jax.grad(L)), 1e-5
+    np.testing.assert_allclose(float(jax.jit(jax.hessian(L))(1.0)), float((d1(1.0 + h) - d1(1.0 - h)) / (2 * h)),
+                               rtol=1e-5)
 
 
 def test_grad_of_grad_through_jfb_on_a_linear_map():
@@ -112,8 +114,9 @@ def test_grad_of_grad_through_jfb_on_a_linear_map():
     A = A * 0.5
     L = lambda s: jnp.sum(ic.fixed_point(lambda z, a: z @ A.T + a, jnp.zeros_like(b), s * b, gradient="jfb",  # noqa: E731
                                          tol=1e-13, max_iter=200)[0] ** 2)
-    d1, h = jax.grad(L), 1e-5
-    np.testing.assert_allclose(float(jax.grad(d1)(1.0)), float((d1(1.0 + h) - d1(1.0 - h)) / (2 * h)), rtol=1e-6)
+    d1, h = jax.jit(jax.grad(L)), 1e-5
+    np.testing.assert_allclose(float(jax.jit(jax.grad(d1))(1.0)), float((d1(1.0 + h) - d1(1.0 - h)) / (2 * h)),
+                               rtol=1e-6)
 
 
 def test_pytree_state_and_args_and_closure_capture():
