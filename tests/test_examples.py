@@ -1,6 +1,9 @@
 import importlib.util
 import pathlib
 import sys
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end: trains, installs or spawns processes
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 

@@ -21,6 +21,7 @@ def backend(request):
     return request.param
 
 
+@pytest.mark.slow
 def test_demo_defaults_reach_95_percent(backend, tmp_path):
     result = run_demo(DemoConfig(backend=backend), out=tmp_path, show_progress=False, echo=lambda *_: None)
     assert result.test_accuracy >= 0.95
@@ -31,6 +32,7 @@ def test_demo_defaults_reach_95_percent(backend, tmp_path):
     assert (tmp_path / f"demo_{backend}.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_every_backend_trains_the_same_model():
     """Same seed, same initialisation and batches: NumPy and the frameworks agree step for step."""
     from implicit_demo.model import make_trainer
@@ -48,6 +50,7 @@ def test_every_backend_trains_the_same_model():
         np.testing.assert_allclose(values, reference, rtol=2e-4, err_msg=name)
 
 
+@pytest.mark.slow
 def test_bench_writes_a_row_per_estimator_and_backend(backend, tmp_path):
     backends = [backend]  # one backend per test: the parallel runner spreads them over the cores
     rows = run_bench(backends, base=DemoConfig(solver="broyden", epochs=1), out=tmp_path,
@@ -67,6 +70,7 @@ def test_bench_writes_a_row_per_estimator_and_backend(backend, tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_cli_demo_runs_and_writes_its_files(tmp_path, capsys):
     assert main(["demo", "--backend", "numpy", "--epochs", "2", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

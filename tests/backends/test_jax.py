@@ -184,6 +184,7 @@ def test_on_fail_eager_and_under_jit():
     assert not bool(info.converged.any()) and info.steps.shape == (4,)
 
 
+@pytest.mark.slow
 def test_sharded_batch_equals_single_device():
     """Two CPU devices (XLA_FLAGS), batch sharded across them: same solution and gradient."""
     code = textwrap.dedent("""
