@@ -29,40 +29,33 @@ def run_python(code, env=None, flags=()):
 
 
 # --------------------------------------------------------------------------- threads
+def racing(threads, setup, z0, options):
+    """A fresh interpreter whose ``threads`` threads make their first solve at once (barrier)."""
+    return f"""
+import threading, implicit_core as ic
+{setup}
+barrier, errors = threading.Barrier({threads}, timeout=60), []
+def work():
+    barrier.wait()
+    try:
+        ic.fixed_point(lambda z, a: 0.5 * z + 1.0, {z0}, {options})
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=work) for _ in range({threads})]
+[t.start() for t in threads]; [t.join() for t in threads]
+print("errors", errors)
+"""
+
+
 def test_concurrent_first_use_in_a_fresh_process():
     """Four threads make the process's first solves at once (barrier): all find the built-ins."""
-    out = run_python("""
-        import threading, numpy as np, implicit_core as ic
-        barrier, errors = threading.Barrier(4, timeout=60), []
-        def work():
-            barrier.wait()
-            try:
-                ic.fixed_point(lambda z, a: 0.5 * z + 1.0, np.zeros((2, 3)), solver="anderson", tol=1e-8)
-            except Exception as exc:
-                errors.append(repr(exc))
-        threads = [threading.Thread(target=work) for _ in range(4)]
-        [t.start() for t in threads]; [t.join() for t in threads]
-        print("errors", errors)
-    """)
+    out = run_python(racing(4, "import numpy as np", "np.zeros((2, 3))", 'solver="anderson", tol=1e-8'))
     assert "errors []" in out
 
 
 def test_concurrent_first_jax_solves_register_solveinfo_once():
     pytest.importorskip("jax")
-    out = run_python("""
-        import threading, jax.numpy as jnp, implicit_core as ic
-        ic.plugins()
-        barrier, errors = threading.Barrier(3, timeout=60), []
-        def work():
-            barrier.wait()
-            try:
-                ic.fixed_point(lambda z, a: 0.5 * z + 1.0, jnp.zeros((2, 3)), tol=1e-6)
-            except Exception as exc:
-                errors.append(repr(exc))
-        threads = [threading.Thread(target=work) for _ in range(3)]
-        [t.start() for t in threads]; [t.join() for t in threads]
-        print("errors", errors)
-    """)
+    out = run_python(racing(3, "import jax.numpy as jnp; ic.plugins()", "jnp.zeros((2, 3))", "tol=1e-6"))
     assert "errors []" in out
 
 
