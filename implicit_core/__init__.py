@@ -37,6 +37,7 @@ from ._registry import (
     plugins,
     register,
     reload_plugins,
+    require_available,
     unregister,
 )
 from .hookspecs import hookimpl, hookspec
@@ -47,7 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fixed_point", "root", "resolve_plugins", "check_stopping_rule", "SolveInfo",
-    "get_solver", "get_gradient", "get_backend", "available_backends",
+    "get_solver", "get_gradient", "get_backend", "available_backends", "require_available",
     "plugins", "PluginInfo", "register", "unregister", "reload_plugins", "hookimpl", "hookspec",
     "Backend", "ExplicitVJPBackend", "Solver", "GradientEstimator", "BackwardContext", "Problem",
     "InverseJacobian", "LowRankInverse",

@@ -200,3 +200,16 @@ def test_every_module_imports_with_warnings_as_errors():
     names = [m.name for m in pkgutil.walk_packages(implicit_core.__path__, "implicit_core.")]
     code = "import warnings; warnings.simplefilter('error')\n" + "\n".join(f"import {n}" for n in names)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_nothing_outside_the_core_imports_its_private_modules():
+    """Built-in plugins, the demo, examples and benchmarks use only public names
+    (``implicit_core`` and ``implicit_core.plugin``): what a third party can use too."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    private = re.compile(r"^\s*(from|import)\s+implicit_core\._", re.M)
+    offenders = [str(path.relative_to(root)) for folder in ("backends", "plugins", "apps", "examples", "benchmarks")
+                 for path in (root / folder).rglob("*.py") if private.search(path.read_text())]
+    assert offenders == []

@@ -119,9 +119,8 @@ def make_trainer(config: DemoConfig, data: Digits) -> Trainer:
     """The trainer for ``config.backend``: framework autodiff on torch/JAX, hand-written VJPs otherwise."""
     import implicit_core as ic
 
-    from implicit_core._registry import require_available
 
-    backend = require_available(ic.get_backend(config.backend))  # typed errors: unknown or unavailable
+    backend = ic.require_available(ic.get_backend(config.backend))  # typed errors: unknown or unavailable
     if config.backend == "torch":
         from .torch_model import TorchTrainer
 

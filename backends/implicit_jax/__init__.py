@@ -33,7 +33,7 @@ import weakref
 from typing import Any, Callable
 
 from implicit_core import Backend, ConfigurationError, ImplicitError, SolveInfo, hookimpl
-from implicit_core._loop import SolveResult
+from implicit_core.plugin import SolveResult
 
 #: SolveInfo fields returned by the custom-VJP rule as arrays.
 _INFO_FIELDS = ("steps", "residual", "rel_residual", "converged", "status")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from implicit_core import Solver, get_solver
-from implicit_core._errors import ConfigurationError
+from implicit_core.plugin import ConfigurationError
 
 
 def resolve_solver(owner: str, spec: Any) -> Solver:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from implicit_core import GradientEstimator, get_solver
-from implicit_core._errors import ConfigurationError
-from implicit_core._linear import LowRankInverse
-from implicit_core._plugin_base import check_positive_int
+from implicit_core.plugin import ConfigurationError
+from implicit_core.plugin import LowRankInverse
+from implicit_core.plugin import check_positive_int
 
 
 class BroydenReuse(GradientEstimator):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from implicit_core import GradientEstimator, get_solver
-from implicit_core._plugin_base import check_choice, check_positive_int, check_range
+from implicit_core.plugin import check_choice, check_positive_int, check_range
 
 from ._solver_option import resolve_solver
 

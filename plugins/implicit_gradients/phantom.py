@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from implicit_core import GradientEstimator
-from implicit_core._plugin_base import check_positive_int, check_range
+from implicit_core.plugin import check_positive_int, check_range
 
 
 class Phantom(GradientEstimator):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from implicit_core import GradientEstimator
-from implicit_core._ops import bnorm, finite_rows
-from implicit_core._plugin_base import check_positive_int, check_range
+from implicit_core.plugin import bnorm, finite_rows
+from implicit_core.plugin import check_positive_int, check_range
 
 from ._solver_option import resolve_solver
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from implicit_core import Solver
-from implicit_core._ops import bdot, finite_rows, solve_small
-from implicit_core._plugin_base import check_positive_int, check_range, write_row
+from implicit_core.plugin import bdot, finite_rows, solve_small
+from implicit_core.plugin import check_positive_int, check_range, write_row
 
 
 class Anderson(Solver):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from implicit_core import Solver
-from implicit_core._errors import ConfigurationError
-from implicit_core._linear import LowRankInverse
-from implicit_core._ops import bdot, bnorm, safe_divide
-from implicit_core._plugin_base import check_choice, check_positive_int, check_range, write_row
+from implicit_core.plugin import ConfigurationError
+from implicit_core.plugin import LowRankInverse
+from implicit_core.plugin import bdot, bnorm, safe_divide
+from implicit_core.plugin import check_choice, check_positive_int, check_range, write_row
 
 UPDATES = ("good", "adjoint")
 

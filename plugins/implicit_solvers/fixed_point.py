@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from implicit_core import Solver
-from implicit_core._plugin_base import check_range
+from implicit_core.plugin import check_range
 
 
 class FixedPointIteration(Solver):
