@@ -398,8 +398,7 @@ def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
     require_available(be)
     be.check_context()
     for leaf in be.tree_flatten(z0)[0]:
-        owner = _owner(leaf, backends)
-        if owner is not be:
+        if _owner(leaf, [be]) is not be:  # another backend may own these arrays too (a forced one)
             raise BackendMismatchError(
                 f"z0 holds a {_describe(leaf)} but the backend is {be.name!r}: pass {be.name} arrays "
                 "or choose the matching backend."
