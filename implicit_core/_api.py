@@ -169,6 +169,8 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
     problem.config_key = _config_key(
         form, solver_obj, gradient_obj, tol, max_iter, stop_mode, on_fail, trace, divergence, higher_order,
         problem.layout,
+        # An instance the caller made may carry state its options do not show: it is its own key.
+        *(id(obj) for spec, obj in ((solver, solver_obj), (gradient, gradient_obj)) if not isinstance(spec, str)),
     )
     # A copy: the solution never shares memory with the caller's z0 (even when z0 already
     # meets tol), and no solver can write into it.
