@@ -164,8 +164,9 @@ def _recheck(problem: Problem, carry: dict[str, Any], status: Any, tol: float, s
     z = carry["best_z"]
     fz = problem.F(z)
     res, res_abs, res_rel = measure({"z": z, "fz": fz})
-    eps = float(xp.finfo(problem.layout.solve_dtype).eps)
-    # Rounding of F(z) - z, in the units of the stopping rule.
+    # Rounding of F(z) - z, in the units of the stopping rule; f itself runs in the state's
+    # dtype (float16 states: f rounds to 1e-3, the solver's arithmetic to float32's 1e-7).
+    eps = float(xp.finfo(problem.layout.dtype).eps)
     noise = 64 * eps * (bnorm(xp, fz) + bnorm(xp, z))
     if stop_mode == "rel":
         noise = noise / (bnorm(xp, fz) + problem.eps)
