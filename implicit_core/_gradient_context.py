@@ -94,19 +94,12 @@ class BackwardContext:
         return self._solve_adjoint_value(g, solver, u0, tol, max_iter, on_fail, stop_mode)
 
     def _solve_adjoint_value(self, g, solver, u0, tol, max_iter, on_fail, stop_mode) -> Any:
-        adjoint = Problem.on_flat(self.problem.backend, g, lambda u: g + self._plain_JT(u))
-        u0 = self.problem.backend.stop_gradient(u0)
-        result = solve(
-            adjoint,
-            solver,
-            u0,
-            tol=self.tol if tol is None else tol,
-            max_iter=self.max_iter if max_iter is None else max_iter,
+        result = _solve_linear(
+            self.problem, g, self._plain_JT, solver, self.problem.backend.stop_gradient(u0),
+            tol=self.tol if tol is None else tol, max_iter=self.max_iter if max_iter is None else max_iter,
             stop_mode=stop_mode,
-            divergence=1e6,
-            verify=False,  # the forward's re-measurement already caught coupled samples
         )
-        self.backward_info = result.info
+        self.backward_info = result.info  # before the report: info.backward says what failed
         self.problem.backend.report(result.info, self.on_fail if on_fail is None else on_fail, stage="backward")
         return result.z
 
@@ -119,7 +112,16 @@ def solve_tangent(
     ``jvp(v) = J v`` with ``J = dF/dz`` at ``z*``; ``b = dF/dargs · dargs``. The tangent
     ``v = dz*`` is linear in ``b``, so it stops on the relative residual, like the adjoint solve.
     """
-    tangent = Problem.on_flat(problem.backend, b, lambda v: b + jvp(v))
-    result = solve(tangent, solver, b, tol=tol, max_iter=max_iter, stop_mode="rel", divergence=1e6, verify=False)
+    result = _solve_linear(problem, b, jvp, solver, b, tol=tol, max_iter=max_iter, stop_mode="rel")
     problem.backend.report(result.info, on_fail, stage="tangent")
     return result.z
+
+
+def _solve_linear(
+    problem: Problem, b: Any, apply: Callable[[Any], Any], solver: Solver, x0: Any, *,
+    tol: float, max_iter: int, stop_mode: str,
+) -> SolveResult:
+    """The fixed point of ``x -> b + apply(x)``: the adjoint and tangent systems."""
+    linear = Problem.on_flat(problem.backend, b, lambda x: b + apply(x))
+    # No re-measurement: the forward's already caught samples that depend on each other.
+    return solve(linear, solver, x0, tol=tol, max_iter=max_iter, stop_mode=stop_mode, divergence=1e6, verify=False)

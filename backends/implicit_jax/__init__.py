@@ -202,13 +202,7 @@ class JaxBackend(Backend):
             return d_args
 
         def pullback(z_flat, state, args, consts, g_flat, sink):
-            p = bind(args, consts)
-            lin = None
-            if with_jacobian:
-                _, vjp_z = jax.vjp(p.F, z_flat)
-                lin = lambda v: vjp_z(v)[0]  # noqa: E731
-            forward_result = SolveResult(z=z_flat, info=None, state=state, solver=solver[0])
-            u = make_backward(p, forward_result, sink)(g_flat, lin)
+            u = _estimate(make_backward, bind(args, consts), z_flat, state, solver[0], with_jacobian, g_flat, sink)
             _, vjp_args = jax.vjp(lambda a: bind(a, consts).F(z_flat), args)
             return vjp_args(u)[0]
 
@@ -262,22 +256,28 @@ def _implicit(bind, forward, make_backward, make_tangent, with_jacobian):
         p = bind(args, consts)
         _, rhs = jax.jvp(lambda a, c: bind(a, c).F(z), (args, consts), (d_args, d_consts))
         _, jvp_z = jax.linearize(p.F, z)
-        lin = None
-        if with_jacobian:
-            _, vjp_z = jax.vjp(p.F, z)
-            lin = lambda v: vjp_z(v)[0]  # noqa: E731
 
         def tangent_solve(matvec, b):  # forward mode: dz* solves (I - J) dz = dF/dargs · dargs
             return make_tangent(p)(jvp_z, b)
 
         def adjoint_solve(vecmat, g):  # reverse mode: the chosen estimator's u ≈ (I - Jᵀ)⁻¹ g
-            forward_result = SolveResult(z=z, info=None, state=state, solver=solver[0])
-            return make_backward(p, forward_result, None)(g, lin)
+            return _estimate(make_backward, p, z, state, solver[0], with_jacobian, g)
 
         dz = jax.lax.custom_linear_solve(lambda v: v - jvp_z(v), rhs, tangent_solve, adjoint_solve)
         return out, (dz, *_zero_tangents(out[1:]))
 
     return implicit, solver
+
+
+def _estimate(make_backward, p, z, state, solver, with_jacobian, g, sink=None):
+    """The chosen estimator's ``u`` for the cotangent ``g`` at ``z*`` (``sink`` receives its report)."""
+    import jax
+
+    lin = None
+    if with_jacobian:
+        _, vjp_z = jax.vjp(p.F, z)
+        lin = lambda v: vjp_z(v)[0]  # noqa: E731
+    return make_backward(p, SolveResult(z=z, info=None, state=state, solver=solver), sink)(g, lin)
 
 
 def _convert(problem: Any, z0: Any) -> tuple[Callable[..., Any], list[Any], Any]:
