@@ -135,19 +135,25 @@ def test_a_deq_shared_by_threads_gives_each_its_own_info():
     torch = pytest.importorskip("torch")
     from implicit_torch import DEQ
 
+    # float64: a float32 state cannot reach tol 1e-8 on every draw (rounding floor ~1e-8)
     deq = DEQ(lambda z, x: torch.tanh(0.5 * z + x), tol=1e-8)
-    barrier, seen = threading.Barrier(2, timeout=60), {}
+    barrier, seen, errors = threading.Barrier(2, timeout=20), {}, []
 
     def call(batch):
-        x = torch.randn(batch, 4)
-        barrier.wait()
-        deq(x)
-        barrier.wait()  # both calls done: each thread still reads its own
-        seen[batch] = int(np.asarray(deq.info.to_python(deq.info.steps)).size)
+        try:
+            x = torch.randn(batch, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
+            barrier.wait()
+            deq(x)
+            barrier.wait()  # both calls done: each thread still reads its own
+            seen[batch] = int(np.asarray(deq.info.to_python(deq.info.steps)).size)
+        except BaseException as exc:  # surfaced below instead of as a thread warning
+            errors.append(exc)
+            barrier.abort()
 
     threads = [threading.Thread(target=call, args=(b,)) for b in (3, 7)]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    assert not errors, errors
     assert seen == {3: 3, 7: 7}
 
 
