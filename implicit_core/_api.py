@@ -166,6 +166,7 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         )
     problem = _build_problem(be, fn, z0, args, form, user_vjp, batched)
     problem.higher_order = higher_order
+    problem.backward_reads_inverse = gradient_obj.requires_inverse
     problem.config_key = _config_key(
         form, solver_obj, gradient_obj, tol, max_iter, stop_mode, on_fail, trace, divergence, higher_order,
         problem.layout,

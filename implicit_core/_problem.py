@@ -78,6 +78,10 @@ class Problem:
     #: arrays (solver, estimator, stopping rule, ...), for backends that cache compiled solves;
     #: ``None`` when some option has no value-based description (a callable, an object).
     config_key: Any = None
+    #: The backward pass will read ``Solver.inverse_jacobian``'s transpose (SHINE, Broyden
+    #: reuse): a solver that can make its estimate exact along the backward's directions
+    #: (Broyden's adjoint update) does so by default.
+    backward_reads_inverse: bool = False
     _checked: bool = field(default=False, repr=False)
 
     @property

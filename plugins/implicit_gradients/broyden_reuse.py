@@ -16,13 +16,17 @@ class BroydenReuse(GradientEstimator):
     The adjoint root problem ``g + J^T u - u = 0`` has Jacobian ``(J - I)^T``, whose inverse
     the forward already estimates as ``H^T``. So its Broyden solve starts from ``u0 = -H^T g``
     with ``H^T`` as initial inverse (instead of ``-I``) and refines it with ``steps`` more
-    secant updates (``steps`` VJPs). ``steps = 0`` is SHINE without fallback.
+    secant updates (``steps`` VJPs). ``steps = 0`` is SHINE without the non-finite fallback.
+
+    The default, one step, measured on trained digits DEQs (adjoint-Broyden forward, the
+    default with this estimator; NumPy): cosine to the exact gradient 0.97-0.98 with no step,
+    0.990-0.996 with one (0.31-0.36x IFT's backward time), 0.9996-0.9999 with two (0.44-0.63x).
     """
 
     name = "broyden_reuse"
     requires_inverse = True
 
-    def __init__(self, steps: int = 0, m: int = 10):
+    def __init__(self, steps: int = 1, m: int = 10):
         self.steps = check_positive_int("broyden_reuse", "steps", steps, minimum=0)
         self.m = check_positive_int("broyden_reuse", "m", m)
 

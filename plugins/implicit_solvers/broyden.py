@@ -10,7 +10,7 @@ from implicit_core.plugin import LowRankInverse
 from implicit_core.plugin import bdot, bnorm, safe_divide
 from implicit_core.plugin import check_choice, check_positive_int, check_range, write_row
 
-UPDATES = ("good", "adjoint")
+UPDATES = ("auto", "good", "adjoint")
 
 
 class Broyden(Solver):
@@ -33,6 +33,12 @@ class Broyden(Solver):
       ``y = J_g(z_+)^T s`` (one extra VJP per step), ``u = H s``,
       ``v = (s - H^T y) / (s^T H^T y)``, so that ``H_+^T y = s``: the transpose, which SHINE
       uses in the backward pass, is exact along the directions the solve explored.
+    * ``update="auto"`` (the default): ``"adjoint"`` when the backward pass reads the inverse
+      estimate (``gradient="shine"`` or ``"broyden_reuse"``: ``problem.backward_reads_inverse``),
+      ``"good"`` otherwise. On a trained digits DEQ (Jacobian spectral radius up to 0.85) the
+      adjoint update lifts SHINE's cosine to the exact gradient from 0.75 to 0.98 for a few
+      percent more forward time; the good update's ``H^T`` is exact only along forward
+      directions, which the backward does not query.
 
     Outer-problem awareness (``opa=callable``, SHINE's OPA): every ``opa_freq`` steps an extra
     adjoint update along ``e = H dL/dz`` (``opa(z)`` returns ``dL/dz`` in the state's
@@ -44,7 +50,7 @@ class Broyden(Solver):
     Args:
         m: number of rank-one terms kept (older ones are overwritten).
         step_size: ``alpha`` in ``(0, 1]``.
-        update: ``"good"`` or ``"adjoint"``.
+        update: ``"auto"``, ``"good"`` or ``"adjoint"``.
         opa: callable ``z -> dL/dz`` enabling OPA updates; opa_freq: their period.
         initial_inverse: a :class:`LowRankInverse` to start from instead of ``-I``.
         scale_initial: rescale the initial ``-I`` from the first secant pair.
@@ -59,7 +65,7 @@ class Broyden(Solver):
         self,
         m: int = 30,
         step_size: float = 1.0,
-        update: str = "good",
+        update: str = "auto",
         opa: Callable[[Any], Any] | None = None,
         opa_freq: int = 5,
         initial_inverse: LowRankInverse | None = None,
@@ -89,6 +95,13 @@ class Broyden(Solver):
     def _slots(self, state: dict[str, Any]) -> int:
         """Rank-one slots of this solve's buffers (``m``, or fewer for a short solve)."""
         return int(state["U"].shape[1]) - self._offset()
+
+    def _update(self, problem) -> str:
+        """The rule this solve uses (``"auto"`` resolved against what the backward reads)."""
+        if self.update != "auto":
+            return self.update
+        # Internal backward systems (flat_fn) have no VJP of their own: always "good" there.
+        return "adjoint" if problem.backward_reads_inverse and problem.flat_fn is None else "good"
 
     def _opa_fires(self, k: Any) -> Any:
         return (k > 0) & (k % self.opa_freq == 0)
@@ -184,7 +197,7 @@ class Broyden(Solver):
             Hgz = Hgz + delta[:, None] * g  # H' = H + delta I
             Hg_new = Hg_new + delta[:, None] * g_new
             H = LowRankInverse(H.U, H.V, xp, state["scale"])
-        if self.update == "good":
+        if self._update(problem) == "good":
             Hdg = Hg_new - Hgz  # linearity saves a pass over the buffers
             u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
             v = xp.where(ok[:, None], H.rmatvec(dz), 0.0)
