@@ -88,6 +88,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from implicit_demo.bench import GRADIENTS, run_bench
 
+    if args.workload != "digits":
+        from implicit_demo.workloads import run_workload
+
+        gradients = args.gradients.split(",") if args.gradients else list(GRADIENTS)
+        _check_names("gradient", gradients)
+        run_workload(args.workload, gradients, epochs=args.epochs, seed=args.seed or 0, out=args.out,
+                     show_progress=not args.quiet)
+        return 0
     backends = args.backends.split(",") if args.backends else [b for b in (*DEMO_BACKENDS, "cupy") if b in available_backends()]
     gradients = args.gradients.split(",") if args.gradients else list(GRADIENTS)
     _check_names("backend", backends)
@@ -140,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="implicit-core-demo", help="folder for the JSON summary and the PNG")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="every gradient estimator x every available backend on the digits DEQ")
-    p.add_argument("--backends", help="comma-separated (default: every available backend)")
+    p = sub.add_parser("bench", help="every gradient estimator on a DEQ workload (default: the digits DEQ on every backend)")
+    p.add_argument("--workload", default="digits", choices=("digits", "mdeq", "transformer", "hyperparameter"),
+                   help="digits: the demo's MLP DEQ on every backend; mdeq: multiscale conv DEQ (torch); "
+                        "transformer: character-level transformer DEQ (torch); hyperparameter: bi-level "
+                        "logistic-regression penalties (numpy)")
+    p.add_argument("--backends", help="comma-separated (default: every available backend; digits only)")
     p.add_argument("--gradients", help="comma-separated (default: ift,jfb,phantom,shine,broyden_reuse)")
     _training_options(p, "training epochs per run (default 12)")
     p.add_argument("--out", default="implicit-core-bench", help="folder for bench.csv, bench.md and bench.png")

@@ -1,0 +1,136 @@
+"""Training and measuring a torch DEQ workload once per gradient estimator.
+
+A workload (:class:`TorchTask`) says how to build its model, batch its data, compute its loss
+and score the model; :func:`run_task` does the rest the same way for every workload: train
+from the same initialisation per estimator (the estimator swapped on the model's ``DEQ``),
+time forward and backward, then measure on the trained weights the cosine of the estimator's
+``dL/dθ`` to the exact implicit gradient and one training step's peak memory.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import implicit_core as ic
+from implicit_torch.memory import PeakMemory
+
+from ..train import progress_bar
+from .report import cosine
+
+
+class TorchTask(ABC):
+    """One workload: data, model, loss and score; the model holds its implicit layer as ``.deq``."""
+
+    name: str
+    #: what :meth:`evaluate` returns, e.g. ``"test accuracy"``
+    metric: str
+    #: training settings of the DEQ (``tol``, ``stop_mode``, ``max_iter``)
+    solve: dict[str, Any] = {"tol": 1e-3, "stop_mode": "rel", "max_iter": 30}
+    #: the reference the cosine column is measured against: a tight forward and IFT
+    exact: dict[str, Any] = {"tol": 1e-5, "max_iter": 100}
+    lr: float = 2e-3
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    @abstractmethod
+    def build(self) -> torch.nn.Module:
+        """A fresh model (the same weights for the same seed) with its ``DEQ`` at ``.deq``."""
+
+    @abstractmethod
+    def batches(self, rng: np.random.Generator) -> list[Any]:
+        """One epoch of training batches."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The training loss on ``batch``."""
+
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module) -> float:
+        """The score reported in the :attr:`metric` column."""
+
+    @abstractmethod
+    def probe(self) -> Any:
+        """The batch gradients are compared on."""
+
+    def extra(self, model: torch.nn.Module, row: dict[str, Any]) -> None:
+        """Workload-specific columns added to ``row`` after training (default: none)."""
+
+
+def _grads(model: torch.nn.Module) -> list[np.ndarray]:
+    return [p.grad.detach().double().numpy().copy() for p in model.parameters() if p.grad is not None]
+
+
+def gradient_on(task: TorchTask, model: torch.nn.Module, gradient: Any, **solve: Any) -> list[np.ndarray]:
+    """``dL/dθ`` on the probe batch with ``gradient`` (and the given stopping rule), no update."""
+    deq = model.deq
+    saved = deq.gradient, deq.tol, deq.max_iter
+    deq.gradient = ic.get_gradient(gradient) if isinstance(gradient, str) else gradient
+    deq.tol, deq.max_iter = solve.get("tol", deq.tol), solve.get("max_iter", deq.max_iter)
+    try:
+        model.zero_grad(set_to_none=True)
+        task.loss(model, task.probe()).backward()
+        return _grads(model)
+    finally:
+        deq.gradient, deq.tol, deq.max_iter = saved
+        model.zero_grad(set_to_none=True)
+
+
+def train_one(task: TorchTask, gradient: str, epochs: int, progress: Any = None) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(task.seed)
+    model = task.build()
+    model.deq.gradient = ic.get_gradient(gradient)
+    optimiser = torch.optim.Adam(model.parameters(), lr=task.lr)
+    rng = np.random.default_rng(task.seed)
+    fwd = bwd = 0.0
+    steps: list[float] = []
+    bar = None
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        order = task.batches(rng)
+        if progress is not None:
+            bar = progress.add_task(f"{task.name} {gradient} {epoch + 1}/{epochs}", total=len(order), stats="")
+        for batch in order:
+            model.train()
+            optimiser.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            loss = task.loss(model, batch)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            optimiser.step()
+            fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+            steps.append(float(model.deq.info.steps.float().mean()))
+            if bar is not None:
+                progress.update(bar, advance=1, stats=f"loss {float(loss):.3f}  steps {steps[-1]:.1f}")
+    seconds = time.perf_counter() - start
+    return model, {"epoch_s": seconds / epochs, "forward_s": fwd / epochs, "backward_s": bwd / epochs,
+                   "steps_mean": float(np.mean(steps[-max(1, len(steps) // epochs):]))}
+
+
+def run_task(task: TorchTask, gradients: Sequence[str], epochs: int, show_progress: bool = True) -> list[dict[str, Any]]:
+    """One row per estimator: score, timings, cosine to exact IFT, peak memory, forward steps."""
+    rows = []
+    with progress_bar(show_progress) as progress:
+        for gradient in gradients:
+            model, timing = train_one(task, gradient, epochs, progress)
+            model.eval()
+            with torch.no_grad():
+                score = task.evaluate(model)
+            exact = gradient_on(task, model, ic.get_gradient("ift", tol=1e-6, max_iter=200), **task.exact)
+            estimate = gradient_on(task, model, gradient)
+            model.train()
+            with PeakMemory("cpu") as meter:  # one training step's batch
+                task.loss(model, task.batches(np.random.default_rng(task.seed))[0]).backward()
+            model.zero_grad(set_to_none=True)
+            row = {"workload": task.name, "gradient": gradient, "metric": task.metric, "value": round(score, 4),
+                   **{k: round(v, 4) for k, v in timing.items()},
+                   "peak_memory_kib": round(meter.peak / 1024, 1), "cosine_to_ift": round(cosine(estimate, exact), 4)}
+            task.extra(model, row)
+            rows.append(row)
+    return rows
