@@ -148,6 +148,14 @@ class Backend(abc.ABC):
     def linearise(self, problem: Any, z: Any) -> Callable[[Any], Any]:
         """Return ``v -> J_F(z)^T v`` on flat ``(batch, n)`` arrays, reusing one linearisation."""
 
+    def value_and_linearise(self, problem: Any, z: Any) -> tuple[Any, Callable[[Any], Any]]:
+        """``(F(z), v -> J_F(z)^T v)`` from one evaluation where the framework allows it.
+
+        A solver that needs both at the same point (adjoint Broyden: every step) saves an
+        evaluation of ``F`` over :meth:`linearise` after ``F``.
+        """
+        return problem.F(z), self.linearise(problem, z)
+
     def vjp_at(self, problem: Any, z: Any, v: Any, create_graph: bool = False) -> Any:
         """``J_F(z)^T v`` for a one-off point (adjoint Broyden, Jacobian regularisation).
 

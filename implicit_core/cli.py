@@ -72,9 +72,16 @@ def _demo_config(args: argparse.Namespace, **override):
     return DemoConfig(**fields)
 
 
+def _threads(args: argparse.Namespace) -> None:
+    from implicit_demo.threads import default_threads, limit_threads
+
+    limit_threads(args.threads or default_threads())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from implicit_demo.demo import run_demo
 
+    _threads(args)
     backend = args.backend or _default_backend()
     _check_names("backend", [backend])
     config = _demo_config(args, backend=backend)
@@ -88,6 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from implicit_demo.bench import GRADIENTS, run_bench
 
+    _threads(args)
     if args.workload != "digits":
         from implicit_demo.workloads import run_workload
 
@@ -125,6 +133,9 @@ def _training_options(p: argparse.ArgumentParser, epochs_help: str) -> None:
     p.add_argument("--seed", type=int, help="data split, initialisation and batch order (default 0)")
     p.add_argument("--hidden", type=_positive_int, help="width of the implicit layer (default 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_positive_int,
+                   help="math-library threads (default: $IMPLICIT_CORE_THREADS, else half the cores; more "
+                        "threads than free cores slow small models down many times over)")
 
 
 class _Parser(argparse.ArgumentParser):

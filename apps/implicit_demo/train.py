@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
@@ -72,32 +73,79 @@ def train(config: DemoConfig, data: Digits | None = None, progress: Any = None) 
             correct, seen = correct + s.correct, seen + len(idx)
             t_fwd, t_bwd = t_fwd + s.forward_s, t_bwd + s.backward_s
             if task is not None:
-                progress.update(task, advance=1, stats=f"loss {np.mean(losses):.3f}  acc {correct / seen:.3f}  "
-                                                       f"solver steps {np.mean(steps):.1f}")
+                progress.update(task, advance=1, stats=f"loss {np.mean(losses):.3f} acc {correct / seen:.3f} "
+                                                       f"steps {np.mean(steps):.1f}")
         epoch_s = time.perf_counter() - start
         test = trainer.evaluate()
         record = EpochRecord(epoch, float(np.mean(losses)), correct / seen, test.accuracy, float(np.mean(steps)),
                              float(np.mean(converged)), epoch_s, t_fwd, t_bwd)
         result.history.append(record)
         if task is not None:
-            progress.update(task, stats=f"loss {record.loss:.3f}  acc {record.train_accuracy:.3f}  "
-                                        f"test {record.test_accuracy:.3f}  solver steps {record.steps_mean:.1f}  "
-                                        f"converged {100 * record.converged:.1f}%")
+            progress.update(task, stats=f"loss {record.loss:.3f} acc {record.train_accuracy:.3f} "
+                                        f"test {record.test_accuracy:.3f} steps {record.steps_mean:.1f} "
+                                        f"conv {100 * record.converged:.0f}%")
     return result, trainer
+
+
+class LineProgress:
+    """The progress interface of ``rich.progress.Progress`` as plain lines, for pipes and logs.
+
+    No bar and no redrawing: one line per finished task (an epoch), with its last counters,
+    printed once the task is complete and its final statistics are in.
+    """
+
+    def __init__(self, write: Any = print) -> None:
+        self._tasks: dict[int, dict[str, Any]] = {}
+        self._write = write
+
+    def add_task(self, description: str, total: int, stats: str = "") -> int:
+        self._flush()
+        task = len(self._tasks)
+        self._tasks[task] = {"description": description, "total": total, "completed": 0, "stats": stats,
+                             "start": time.perf_counter(), "printed": False}
+        return task
+
+    def update(self, task: int, advance: int = 0, stats: str | None = None) -> None:
+        t = self._tasks[task]
+        t["completed"] += advance
+        if stats is not None:
+            t["stats"] = stats
+
+    def advance(self, task: int) -> None:
+        self.update(task, advance=1)
+
+    def _flush(self) -> None:
+        for t in self._tasks.values():
+            if not t["printed"] and t["completed"] >= t["total"]:
+                t["printed"] = True
+                seconds = time.perf_counter() - t["start"]
+                self._write(f"{t['description']}  {t['completed']}/{t['total']}  {seconds:.1f} s  {t['stats']}".rstrip())
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._flush()
 
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Any]:
-    """A rich progress display (one bar per epoch), or ``None`` when disabled or rich is missing."""
+    """A rich progress display on a terminal, one line per epoch when piped, ``None`` when disabled.
+
+    The bar is narrow so that the counters stay readable in an 80-column terminal.
+    """
     if not enabled:
         yield None
         return
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:
-        yield None
+        Progress = None  # noqa: N806
+    if Progress is None or not sys.stdout.isatty():
+        with LineProgress() as lines:
+            yield lines
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[stats]}"))
     with Progress(*columns) as progress:
         yield progress

@@ -128,10 +128,13 @@ class JaxBackend(Backend):
 
     # ----------------------------------------------------------------- autodiff
     def linearise(self, problem: Any, z: Any) -> Callable[[Any], Any]:
+        return self.value_and_linearise(problem, z)[1]
+
+    def value_and_linearise(self, problem: Any, z: Any) -> tuple[Any, Callable[[Any], Any]]:
         import jax
 
-        _, vjp = jax.vjp(problem.F, z)
-        return lambda v: vjp(v)[0]
+        out, vjp = jax.vjp(problem.F, z)
+        return out, lambda v: vjp(v)[0]
 
     def solve_implicit(self, problem, z0, forward, make_backward, with_jacobian=True, make_tangent=None):
         import jax

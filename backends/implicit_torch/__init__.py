@@ -107,6 +107,9 @@ class TorchBackend(Backend):
         return z_in, out
 
     def linearise(self, problem, z: Any) -> Callable[[Any], Any]:
+        return self.value_and_linearise(problem, z)[1]
+
+    def value_and_linearise(self, problem, z: Any) -> tuple[Any, Callable[[Any], Any]]:
         import torch
 
         z_in, out = self._graph(problem, z)
@@ -115,7 +118,7 @@ class TorchBackend(Backend):
             (jt,) = torch.autograd.grad(out, z_in, v, retain_graph=True, allow_unused=True)
             return torch.zeros_like(v) if jt is None else jt
 
-        return JT
+        return out.detach(), JT
 
     def vjp_at(self, problem, z: Any, v: Any, create_graph: bool = False) -> Any:
         import torch

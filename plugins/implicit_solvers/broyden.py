@@ -119,15 +119,15 @@ class Broyden(Solver):
         state["U"] = write_row(problem, state["U"], slot, u, active)
         state["V"] = write_row(problem, state["V"], slot, v, active)
 
-    def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None) -> tuple[Any, Any]:
-        """Rank-one terms making ``H_+^T J_g(z)^T s = s`` (``Hs``: ``H s`` if already known)."""
+    def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None, JT: Any = None) -> tuple[Any, Any]:
+        """Rank-one terms making ``H_+^T J_g(z)^T s = s`` (``Hs``: ``H s``, ``JT``: ``J_F(z)^T``, if known)."""
         xp = problem.xp
         if problem.flat_fn is not None:
             raise ConfigurationError(
                 "broyden: the adjoint update needs VJPs of the function, which internal backward "
                 "systems do not provide; use update='good' for the backward solver"
             )
-        y = problem.backend.vjp_at(problem, z, s) - s  # J_g^T s with g = F - I
+        y = (problem.backend.vjp_at(problem, z, s) if JT is None else JT(s)) - s  # J_g^T s with g = F - I
         b = H.rmatvec(y)
         v, ok = safe_divide(xp, s - b, bdot(xp, b, s), problem.eps)
         u = xp.where(ok[:, None], H.matvec(s) if Hs is None else Hs, 0.0)
@@ -185,7 +185,11 @@ class Broyden(Solver):
         Hgz = state["Hg"] if self.opa is None else H.matvec(g)
         dz = -self.step_size * Hgz
         z_new = z + dz
-        fz_new = problem.F(z_new)
+        adjoint, JT = self._update(problem) == "adjoint", None
+        if adjoint and problem.flat_fn is None:  # F and its VJP at z_new from one evaluation
+            fz_new, JT = be.value_and_linearise(problem, z_new)
+        else:
+            fz_new = problem.F(z_new)
         g_new = fz_new - z_new
         Hg_new = H.matvec(g_new)
         if self.scale_initial and self.initial_inverse is None:
@@ -197,12 +201,12 @@ class Broyden(Solver):
             Hgz = Hgz + delta[:, None] * g  # H' = H + delta I
             Hg_new = Hg_new + delta[:, None] * g_new
             H = LowRankInverse(H.U, H.V, xp, state["scale"])
-        if self._update(problem) == "good":
+        if not adjoint:
             Hdg = Hg_new - Hgz  # linearity saves a pass over the buffers
             u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
             v = xp.where(ok[:, None], H.rmatvec(dz), 0.0)
         else:
-            u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new)
+            u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new, JT=JT)
         self._write(problem, state, written, u, v, active)
         # (H + u v^T) g_new, without another pass over the buffers
         Hg_next = Hg_new + u * bdot(xp, v, g_new)[:, None]

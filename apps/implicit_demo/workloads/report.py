@@ -27,12 +27,15 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """One line per estimator; backward time and memory also as ratios to ``ift``'s row."""
     metric = rows[0]["metric"]
     extra = [k for k in rows[0] if k.startswith("x_")]  # workload-specific columns
-    head = ["gradient", metric, "step/epoch s", "backward s", "× ift", "peak mem. KiB", "× ift", "cosine to IFT",
-            "solver steps", *(k[2:].replace("_", " ") for k in extra)]
+    probe = "probe_backward_s" in rows[0]
+    head = ["gradient", metric, "step/epoch s", "backward s", "× ift", *(["probe backward s", "× ift"] if probe else []),
+            "peak mem. KiB", "× ift", "cosine to IFT", "solver steps", *(k[2:].replace("_", " ") for k in extra)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["gradient"], f"{r['value']:.4f}", f"{r['epoch_s']:.3g}", f"{r['backward_s']:.3g}",
-                 _ratio(r, rows, "backward_s"), f"{r['peak_memory_kib']:.0f}", _ratio(r, rows, "peak_memory_kib"),
+                 _ratio(r, rows, "backward_s"),
+                 *([f"{r['probe_backward_s']:.3g}", _ratio(r, rows, "probe_backward_s")] if probe else []),
+                 f"{r['peak_memory_kib']:.0f}", _ratio(r, rows, "peak_memory_kib"),
                  f"{r['cosine_to_ift']:.4f}", f"{r['steps_mean']:.1f}", *(str(r[k]) for k in extra)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -81,6 +81,21 @@ def gradient_on(task: TorchTask, model: torch.nn.Module, gradient: Any, **solve:
         model.zero_grad(set_to_none=True)
 
 
+def backward_time(task: TorchTask, model: torch.nn.Module, gradient: str, repeat: int = 3) -> float:
+    """Median seconds of one backward pass on the probe batch (evaluation mode: the estimator's
+    cost without training-only terms such as a Jacobian penalty, which every estimator pays alike)."""
+    model.deq.gradient = ic.get_gradient(gradient)
+    times = []
+    for _ in range(repeat):
+        model.zero_grad(set_to_none=True)
+        loss = task.loss(model, task.probe())
+        start = time.perf_counter()
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return float(np.median(times))
+
+
 def train_one(task: TorchTask, gradient: str, epochs: int, progress: Any = None) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(task.seed)
     model = task.build()
@@ -124,13 +139,15 @@ def run_task(task: TorchTask, gradients: Sequence[str], epochs: int, show_progre
                 score = task.evaluate(model)
             exact = gradient_on(task, model, ic.get_gradient("ift", tol=1e-6, max_iter=200), **task.exact)
             estimate = gradient_on(task, model, gradient)
+            layer_backward = backward_time(task, model, gradient)
             model.train()
             with PeakMemory("cpu") as meter:  # one training step's batch
                 task.loss(model, task.batches(np.random.default_rng(task.seed))[0]).backward()
             model.zero_grad(set_to_none=True)
             row = {"workload": task.name, "gradient": gradient, "metric": task.metric, "value": round(score, 4),
                    **{k: round(v, 4) for k, v in timing.items()},
-                   "peak_memory_kib": round(meter.peak / 1024, 1), "cosine_to_ift": round(cosine(estimate, exact), 4)}
+                   "peak_memory_kib": round(meter.peak / 1024, 1), "cosine_to_ift": round(cosine(estimate, exact), 4),
+                   "probe_backward_s": round(layer_backward, 5)}
             task.extra(model, row)
             rows.append(row)
     return rows
