@@ -80,7 +80,9 @@ def fixed_point(
         args: parameters of ``f``; passed through untouched.
         solver: a registered name or a :class:`Solver` instance (``get_solver(name, **opts)``).
         gradient: a registered name or a :class:`GradientEstimator` instance.
-        tol, max_iter, stop_mode: the stopping rule.
+        tol: the stopping tolerance on each sample's residual.
+        max_iter: the most solver steps.
+        stop_mode: ``"abs"`` (``||f(z) - z|| <= tol``) or ``"rel"`` (relative to ``||f(z)||``).
         on_fail: ``"warn"`` | ``"raise"`` | ``"ignore"`` when some samples do not converge.
         backend: force a backend by name; by default it is inferred from ``z0``.
         batched: ``True``: the first axis is a batch of independent systems; ``False``: one system.

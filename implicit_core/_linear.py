@@ -22,40 +22,46 @@ class InverseJacobian(Protocol):
 
 @dataclass(frozen=True)
 class LowRankInverse:
-    """``H = s I + U^T V`` per sample, with ``U, V`` of shape ``(batch, m, n)`` (rows = vectors).
+    """``H = H0 + U^T V`` per sample, with ``U, V`` of shape ``(batch, m, n)`` (rows = vectors).
 
-    ``H x = s x + U^T (V x)`` and ``H^T x = s x + V^T (U x)``; both cost two thin products.
-    ``scale`` (``s``) is ``-1`` (the classic ``H0 = -I``) or a per-sample ``(batch,)`` array.
+    ``H0`` is ``s I`` (``scale`` ``s``: ``-1``, the classic ``H0 = -I``, or a per-sample
+    ``(batch,)`` array) or, when ``base`` is given, another estimate: a solve that continues
+    from an earlier one (Broyden reuse) adds its rank-one terms without copying the earlier
+    buffers. ``H x = H0 x + U^T (V x)``, ``H^T x = H0^T x + V^T (U x)``: thin products only.
     """
 
     U: Any
     V: Any
     xp: Any
     scale: Any = -1.0
+    base: "LowRankInverse | None" = None
 
-    def _apply(self, left: Any, right: Any, x: Any) -> Any:
+    def _apply(self, left: Any, right: Any, x: Any, transpose: bool) -> Any:
         xp = self.xp
         # Row-vector products, (batch, 1, n) @ (batch, n, m): torch runs a batched
         # matrix @ column-vector on CPU several times slower than this form.
         coeff = xp.matmul(x[:, None, :], xp.matrix_transpose(right))  # (batch, 1, m)
-        base = -x if isinstance(self.scale, float) and self.scale == -1.0 else self.scale_rows(x)
-        return base + xp.matmul(coeff, left)[:, 0, :]
+        if self.base is not None:
+            initial = self.base.rmatvec(x) if transpose else self.base.matvec(x)
+        else:
+            initial = -x if isinstance(self.scale, float) and self.scale == -1.0 else self.scale_rows(x)
+        return initial + xp.matmul(coeff, left)[:, 0, :]
 
     def scale_rows(self, x: Any) -> Any:
         """``s x`` (the initial-inverse part of ``H``) for ``(batch, n)`` rows ``x``."""
         return self.scale * x if isinstance(self.scale, float) else self.scale[:, None] * x
 
     def matvec(self, x: Any) -> Any:
-        return self._apply(self.U, self.V, x)
+        return self._apply(self.U, self.V, x, transpose=False)
 
     def rmatvec(self, x: Any) -> Any:
-        return self._apply(self.V, self.U, x)
+        return self._apply(self.V, self.U, x, transpose=True)
 
     @property
     def T(self) -> "LowRankInverse":
-        """The transpose ``H^T = -I + V^T U``, itself low-rank of the same form."""
-        return LowRankInverse(self.V, self.U, self.xp, self.scale)
+        """The transpose ``H^T = H0^T + V^T U``, itself low-rank of the same form."""
+        return LowRankInverse(self.V, self.U, self.xp, self.scale, None if self.base is None else self.base.T)
 
     @property
     def rank(self) -> int:
-        return int(self.U.shape[1])
+        return int(self.U.shape[1]) + (0 if self.base is None else self.base.rank)

@@ -24,8 +24,12 @@ class DEQ(torch.nn.Module):
     Args:
         cell: ``cell(z, x) -> z``; an ``nn.Module`` is registered as a submodule, so its
             parameters belong to this layer. ``z`` may be a tensor or a tuple of tensors.
-        solver, gradient: registered names or instances (see ``implicit-core plugins``).
-        tol, max_iter, stop_mode, on_fail: the stopping rule and what a failed sample does.
+        solver: a registered name or a ``Solver`` instance (see ``implicit-core plugins``).
+        gradient: a registered name or a ``GradientEstimator`` instance.
+        tol: the stopping tolerance on each sample's residual.
+        max_iter: the most solver steps.
+        stop_mode: ``"abs"`` or ``"rel"`` residuals, as in :func:`implicit_core.fixed_point`.
+        on_fail: ``"warn"`` | ``"raise"`` | ``"ignore"`` when some samples do not converge.
         state_shape: per-sample shape of ``z`` (a tuple, or a tuple of tuples for tuple
             states); with it, ``z0`` defaults to zeros. Without it (and without ``init``) the
             default ``z0`` is ``zeros_like(x)``.

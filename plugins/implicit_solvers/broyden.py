@@ -89,12 +89,9 @@ class Broyden(Solver):
             "broyden", "max_growth", max_growth, 1.0, float("inf"), low_open=True)
 
     # ----------------------------------------------------------------- helpers
-    def _offset(self) -> int:
-        return 0 if self.initial_inverse is None else self.initial_inverse.rank
-
     def _slots(self, state: dict[str, Any]) -> int:
         """Rank-one slots of this solve's buffers (``m``, or fewer for a short solve)."""
-        return int(state["U"].shape[1]) - self._offset()
+        return int(state["U"].shape[1])
 
     def _update(self, problem) -> str:
         """The rule this solve uses (``"auto"`` resolved against what the backward reads)."""
@@ -110,12 +107,12 @@ class Broyden(Solver):
         """``H`` before this step's update; eager backends skip the columns not yet written."""
         U, V = state["U"], state["V"]
         if not problem.backend.traced:
-            cols = self._offset() + min(int(written), self._slots(state))
+            cols = min(int(written), self._slots(state))
             U, V = U[:, :cols], V[:, :cols]
-        return LowRankInverse(U, V, problem.xp, state["scale"])
+        return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)
 
     def _write(self, problem, state, index, u, v, active):
-        slot = self._offset() + index % self._slots(state)
+        slot = index % self._slots(state)
         state["U"] = write_row(problem, state["U"], slot, u, active)
         state["V"] = write_row(problem, state["V"], slot, v, active)
 
@@ -144,15 +141,11 @@ class Broyden(Solver):
         # columns, and the inverse estimate handed to SHINE reads every column.
         U = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
         V = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
-        if self.initial_inverse is not None:
-            U = xp.concat([self.initial_inverse.U, U], axis=1)
-            V = xp.concat([self.initial_inverse.V, V], axis=1)
         fz = problem.F(z0)
         # rank-one terms written so far, per sample (for slicing the estimate handed to SHINE)
         count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
+        # (with an initial inverse, that estimate takes the place of s I: the scale is unused)
         scale = xp.full((batch,), -1.0, dtype=z0.dtype, device=be.device(z0))
-        if self.initial_inverse is not None:
-            scale = self.initial_inverse.scale_rows(xp.ones((batch, 1), dtype=z0.dtype, device=be.device(z0)))[:, 0]
         state = {"z": z0, "fz": fz, "U": U, "V": V, "count": count, "scale": scale}
         state["Hg"] = self._current(problem, state, 0).matvec(fz - z0)
         return state
@@ -200,7 +193,7 @@ class Broyden(Solver):
             state["scale"] = state["scale"] + delta
             Hgz = Hgz + delta[:, None] * g  # H' = H + delta I
             Hg_new = Hg_new + delta[:, None] * g_new
-            H = LowRankInverse(H.U, H.V, xp, state["scale"])
+            H = LowRankInverse(H.U, H.V, xp, state["scale"], H.base)
         if not adjoint:
             Hdg = Hg_new - Hgz  # linearity saves a pass over the buffers
             u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
@@ -224,6 +217,6 @@ class Broyden(Solver):
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
         U, V = state["U"], state["V"]
         if not problem.backend.traced:  # only the columns some sample wrote
-            cols = self._offset() + min(int(problem.xp.max(state["count"])), self._slots(state))
+            cols = min(int(problem.xp.max(state["count"])), self._slots(state))
             U, V = U[:, :cols], V[:, :cols]
-        return LowRankInverse(U, V, problem.xp, state["scale"])
+        return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)

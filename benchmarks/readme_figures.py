@@ -1,0 +1,110 @@
+"""Regenerate the measured figures quoted in README.md and docs/benchmarks.md.
+
+Each section runs the command that measures it and writes its table between the markers
+``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->`` (in every page that has them),
+stamped with the date and the machine; the figures go to ``docs/images``.
+
+    python benchmarks/readme_figures.py                      # every section (~10 minutes on 2 cores)
+    python benchmarks/readme_figures.py --only demo,mdeq     # some of them
+
+Run it on a quiet machine (`uptime`: load well below the number of cores): the tables
+report times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import pathlib
+import platform
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md"]
+IMAGES = ROOT / "docs" / "images"
+SECTIONS = ("demo", "digits", "mdeq", "transformer", "hyperparameter")
+
+
+def machine() -> str:
+    versions = []
+    for name in ("torch", "jax"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.system()}, {cores} CPU cores, " \
+           f"Python {platform.python_version()}, " + ", ".join(versions)
+
+
+def demo_table() -> str:
+    from implicit_core import available_backends
+    from implicit_demo.demo import run_demo
+    from implicit_demo.model import DemoConfig
+
+    lines = ["| backend | test accuracy | time per epoch (median) | forward / backward per epoch | first epoch |",
+             "|---|---|---|---|---|"]
+    for backend in [b for b in ("numpy", "torch", "jax") if b in available_backends()]:
+        result = run_demo(DemoConfig(backend=backend), out=IMAGES, show_progress=False, echo=lambda *_: None)
+        forward, backward = result.split()
+        lines.append(f"| {backend} | {100 * result.test_accuracy:.1f} % | {result.epoch_time():.2f} s | "
+                     f"{forward:.2f} s / {backward:.2f} s | {result.history[0].epoch_s:.2f} s |")
+        (IMAGES / f"demo_{backend}.json").unlink(missing_ok=True)  # the PNG is the figure; the JSON is not kept
+        if backend != "torch":
+            (IMAGES / f"demo_{backend}.png").unlink(missing_ok=True)
+    return "\n".join(lines)
+
+
+def digits_table() -> str:
+    from implicit_core import available_backends
+    from implicit_demo.bench import run_bench, to_markdown
+
+    backends = [b for b in ("torch", "jax", "numpy") if b in available_backends()]
+    rows = run_bench(backends, out=IMAGES, show_progress=False, echo=lambda *_: None)
+    for name in ("bench.csv", "bench.md"):
+        (IMAGES / name).unlink(missing_ok=True)
+    return to_markdown(rows)
+
+
+def workload_table(name: str) -> str:
+    from implicit_demo.workloads import run_workload
+
+    captured: list[str] = []
+    run_workload(name, ("ift", "jfb", "phantom", "shine", "broyden_reuse"), out=IMAGES, show_progress=False,
+                 echo=captured.append)
+    for suffix in (".csv", ".md"):
+        (IMAGES / f"bench_{name}{suffix}").unlink(missing_ok=True)
+    return "\n".join(text for text in captured if not text.startswith("\nwritten")).strip()
+
+
+def substitute(name: str, body: str) -> None:
+    pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(<!-- /figures:{name} -->)", re.S)
+    for page in PAGES:
+        text = page.read_text()
+        if pattern.search(text):
+            page.write_text(pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
+    args = parser.parse_args(argv)
+    chosen = args.only.split(",") if args.only else list(SECTIONS)
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    from implicit_demo.threads import default_threads, limit_threads
+
+    limit_threads(default_threads())
+    stamp = f"*Measured {machine()}; regenerate with `python benchmarks/readme_figures.py --only SECTION`.*"
+    for name in chosen:
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        table = demo_table() if name == "demo" else digits_table() if name == "digits" else workload_table(name)
+        substitute(name, f"{stamp}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
