@@ -25,79 +25,15 @@ import time
 
 import numpy as np
 
-import implicit_core as ic
+# The problem, its hand-written VJP and the outer loop are shared with `implicit-core bench
+# --workload hyperparameter` (which tunes one penalty per feature instead of one in all).
+from implicit_demo.workloads.hyperparameter import optimise
 
 METHODS = ("ift", "shine", "jfb")
 
 
-def load_problem(seed: int = 0):
-    """breast_cancer (569 × 30), standardised, with a bias column; split 50/25/25."""
-    from sklearn.datasets import load_breast_cancer
-
-    X, y = load_breast_cancer(return_X_y=True)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y))
-    X, y = X[order], y[order]
-    n_train, n_val = len(y) // 2, len(y) // 4
-    mean, std = X[:n_train].mean(0), X[:n_train].std(0)
-    X = np.hstack([(X - mean) / std, np.ones((len(y), 1))])
-    parts = np.split(np.arange(len(y)), [n_train, n_train + n_val])
-    return [(X[i], y[i].astype(np.float64)) for i in parts]
-
-
-def sigmoid(t):
-    return 0.5 * (1 + np.tanh(0.5 * t))  # no overflow for large |t|
-
-
-def logistic_loss(theta, X, y):
-    """Mean binary cross-entropy of the logits ``X θ``; θ is ``(1, d)``."""
-    t = X @ theta[0]
-    return float(np.mean(np.logaddexp(0, t) - y * t))
-
-
-def logistic_grad(theta, X, y):
-    return ((sigmoid(X @ theta[0]) - y) @ X / len(y))[None]
-
-
-def make_inner(X, y):
-    """``g(θ, log λ)`` and its VJP ``v ↦ (vᵀ∂g/∂θ, vᵀ∂g/∂log λ)``."""
-
-    def g(theta, log_lam):
-        return logistic_grad(theta, X, y) + np.exp(log_lam) * theta
-
-    def g_vjp(theta, log_lam, v):
-        p = sigmoid(X @ theta[0])
-        hv = ((p * (1 - p) * (X @ v[0])) @ X / len(y))[None]  # ∂g/∂θ is the (symmetric) Hessian
-        lam = np.exp(log_lam)
-        return hv + lam * v, lam * np.sum(v * theta)
-
-    return g, g_vjp
-
-
-def optimise(method: str, steps: int = 40, lr: float = 1.0, log_lam0: float = 0.0, seed: int = 0) -> dict:
-    """Gradient descent on log λ with hypergradients from ``method``; warm-started inner solves."""
-    (X_tr, y_tr), (X_val, y_val), (X_te, y_te) = load_problem(seed)
-    g, g_vjp = make_inner(X_tr, y_tr)
-    log_lam, theta = log_lam0, np.zeros((1, X_tr.shape[1]))
-    history = {"val_loss": [], "log_lambda": [], "time": [], "inner_steps": [], "hypergradient_s": []}
-    start = time.perf_counter()
-    for _ in range(steps):
-        theta, info = ic.root(g, theta, log_lam, solver="broyden", gradient=method, tol=1e-8, max_iter=100,
-                              vjp=g_vjp, on_fail="raise")
-        tick = time.perf_counter()
-        hypergradient = float(info.vjp(logistic_grad(theta, X_val, y_val)))
-        history["hypergradient_s"].append(time.perf_counter() - tick)
-        history["val_loss"].append(logistic_loss(theta, X_val, y_val))
-        history["log_lambda"].append(log_lam)
-        history["inner_steps"].append(int(info.steps[0]))
-        history["time"].append(time.perf_counter() - start)
-        log_lam -= lr * hypergradient
-    history["test_accuracy"] = float(np.mean((X_te @ theta[0] > 0) == y_te))
-    return history
-
-
 def main(steps: int = 40, out: str | None = None, verbose: bool = True) -> dict[str, dict]:
-    results = {m: optimise(m, steps) for m in METHODS}
+    results = {m: optimise(m, steps) for m in METHODS}  # one penalty λ: log λ0 = 0
     if verbose:
         print(f"{'method':8s} {'val loss first → last':>22s} {'λ last':>9s} {'test acc':>8s} {'seconds':>8s} {'hypergrad. ms':>13s} {'inner steps':>11s}")
         for m, h in results.items():
@@ -105,7 +41,9 @@ def main(steps: int = 40, out: str | None = None, verbose: bool = True) -> dict[
                   f"{h['test_accuracy']:8.3f} {h['time'][-1]:8.3f} {1e3 * np.median(h['hypergradient_s']):13.3f} "
                   f"{np.mean(h['inner_steps']):11.1f}")
     if out is not None:
-        plot(results, pathlib.Path(out))
+        path = plot(results, pathlib.Path(out))
+        if verbose:
+            print(f"written {path}")
     return results
 
 

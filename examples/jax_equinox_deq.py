@@ -5,18 +5,24 @@ Digits (scikit-learn's bundled copy) -> linear encoder -> implicit layer
 a closure: implicit-core closure-converts it, so ``W`` receives its implicit gradient like an
 explicit argument would.
 
-    python examples/jax_equinox_deq.py
+    python examples/jax_equinox_deq.py        # IMPLICIT_CORE_THREADS=N sets XLA's CPU threads
 """
 
 from __future__ import annotations
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+from implicit_demo.threads import default_threads, limit_threads
 
-import implicit_core as ic
+# Before JAX is imported: XLA reads its thread settings once. More threads than free cores make
+# this small model many times slower.
+limit_threads(default_threads())
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import implicit_core as ic  # noqa: E402
 
 
 class DEQClassifier(eqx.Module):

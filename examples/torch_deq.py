@@ -1,6 +1,6 @@
 """A DEQ classifier in PyTorch: ``implicit_torch.DEQ`` is an ``nn.Module`` like any other.
 
-    python examples/torch_deq.py [--epochs 10]
+    python examples/torch_deq.py [--epochs 10] [--threads N]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from implicit_demo.threads import ENV, default_threads, limit_threads
 from implicit_torch import DEQ
 
 
@@ -62,5 +63,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--gradient", default="ift")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch threads (default ${ENV}, else half the cores): more threads than free cores "
+                             "make this small model many times slower")
     opts = parser.parse_args()
+    limit_threads(opts.threads or default_threads())
     main(opts.epochs, gradient=opts.gradient)

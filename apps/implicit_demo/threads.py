@@ -31,7 +31,7 @@ def default_threads() -> int:
 def limit_threads(n: int) -> None:
     """Cap torch's, BLAS's and (when JAX is not imported yet) XLA's CPU threads at ``n``."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)  # libraries loaded from here on
+        os.environ[var] = str(n)  # libraries loaded from here on (torch reads OMP_NUM_THREADS at import)
     if "jax" not in sys.modules and n == 1:
         flags = os.environ.get("XLA_FLAGS", "")
         if "intra_op_parallelism_threads" not in flags:
@@ -42,8 +42,5 @@ def limit_threads(n: int) -> None:
         pass
     else:
         threadpool_limits(n)
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(n)
+    if "torch" in sys.modules:  # already imported: it no longer reads the environment
+        sys.modules["torch"].set_num_threads(n)

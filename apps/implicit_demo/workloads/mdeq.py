@@ -85,12 +85,13 @@ class MultiscaleTask(TorchTask):
     name = "mdeq"
     metric = "test accuracy"
 
-    def __init__(self, seed: int = 0, channels: int = 8, batch_size: int = 64) -> None:
+    def __init__(self, seed: int = 0, channels: int = 8, batch_size: int = 64, train_samples: int | None = None) -> None:
         super().__init__(seed)
         data = load_digits(seed)
         as_images = lambda x: torch.from_numpy(x).reshape(-1, 1, 8, 8)  # noqa: E731
-        self.x_train, self.x_test = as_images(data.x_train), as_images(data.x_test)
-        self.y_train, self.y_test = torch.from_numpy(data.y_train), torch.from_numpy(data.y_test)
+        keep = slice(None, train_samples)  # a smaller training set for quick runs
+        self.x_train, self.x_test = as_images(data.x_train[keep]), as_images(data.x_test)
+        self.y_train, self.y_test = torch.from_numpy(data.y_train[keep]), torch.from_numpy(data.y_test)
         self.channels, self.batch_size, self.n_classes = channels, batch_size, data.n_classes
 
     def build(self) -> MultiscaleDEQ:
@@ -108,7 +109,7 @@ class MultiscaleTask(TorchTask):
         return float((model(self.x_test).argmax(1) == self.y_test).float().mean())
 
     def probe(self) -> np.ndarray:
-        return np.arange(256)
+        return np.arange(min(256, len(self.y_train)))
 
 
 def run(gradients, epochs: int | None = None, seed: int = 0, show_progress: bool = True, **size: Any):

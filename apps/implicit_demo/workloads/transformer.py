@@ -20,6 +20,7 @@ import importlib
 import inspect
 import math
 import string
+import warnings
 from typing import Any
 
 import numpy as np
@@ -47,10 +48,12 @@ def load_corpus() -> str:
         module = importlib.import_module(name)
         parts.append(inspect.getdoc(module) or "")
         for attr in sorted(vars(module)):
-            obj = getattr(module, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            parts.append(inspect.getdoc(obj) or "")
+            with warnings.catch_warnings():  # deprecated members (typing.io) warn when read
+                warnings.simplefilter("ignore", DeprecationWarning)
+                obj = getattr(module, attr)
+                if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                    continue
+                parts.append(inspect.getdoc(obj) or "")
     text = "\n\n".join(p for p in parts if p)
     return "".join(c if c in ALPHABET else " " for c in text)
 
