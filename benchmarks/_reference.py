@@ -7,6 +7,9 @@ float64 NumPy, so that every framework solves the very same problem.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import numpy as np
 
 N, BATCH, TOL, MAX_ITER = 256, 512, 1e-4, 40
@@ -41,3 +44,14 @@ def report(title: str, table: str, markdown: str | None) -> None:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.ravel(a), np.ravel(b)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def require(*modules: str, install: str) -> None:
+    """Exit with a one-line message naming what to install when a peer library is missing.
+
+    Called before anything is measured, so that a missing peer never ends a run halfway.
+    """
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        script = sys.argv[0].rsplit("/", 1)[-1] or "this benchmark"
+        sys.exit(f"{script} needs {', '.join(missing)} (not installed here): {install}")

@@ -21,11 +21,15 @@ import argparse
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
+from _reference import require
 
-from _reference import BATCH, MAX_ITER, N, TOL, reference_arrays, report
-import implicit_core as ic
+require("jax", "optimistix", "jaxopt", install="pip install jax optimistix jaxopt")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from _reference import BATCH, MAX_ITER, N, TOL, reference_arrays, report  # noqa: E402
+import implicit_core as ic  # noqa: E402
 
 
 def cell(z, params, x):

@@ -24,12 +24,16 @@ import statistics
 import time
 
 import numpy as np
-import torch
+from _reference import require
 
-from _reference import MAX_ITER, TOL, cosine, reference_arrays, report
-from implicit_core import get_gradient
-from implicit_torch import DEQ
-from implicit_torch.memory import PeakMemory
+require("torch", "torchdeq", install="pip install torch==2.13.0 torchdeq")
+
+import torch  # noqa: E402
+
+from _reference import MAX_ITER, TOL, cosine, reference_arrays, report  # noqa: E402
+from implicit_core import get_gradient  # noqa: E402
+from implicit_torch import DEQ  # noqa: E402
+from implicit_torch.memory import PeakMemory  # noqa: E402
 
 TORCHDEQ_SOLVER = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
 #: (solver, gradient mode); the mode names are ours, translated for TorchDEQ below.

@@ -82,3 +82,16 @@ def test_custom_solver_plugin_installs_and_registers_like_a_third_party(tmp_path
     shown = subprocess.run([sys.executable, "-c", block], env=env, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     assert "halpern: 3/3 converged" in shown.stdout and "fixed_point: 0/3 converged" in shown.stdout
+
+
+def test_a_benchmark_with_a_missing_peer_stops_before_measuring_and_says_what_to_install():
+    import subprocess
+
+    script = EXAMPLES.parent / "benchmarks" / "torch_vs_torchdeq.py"
+    code = ("import sys, importlib.util as u; real = u.find_spec; "
+            "u.find_spec = lambda name, *a: None if name == 'torchdeq' else real(name, *a); "
+            f"sys.argv = [{str(script)!r}]; sys.path.insert(0, {str(script.parent)!r}); "
+            f"exec(compile(open({str(script)!r}).read(), {str(script)!r}, 'exec'), {{'__name__': '__main__'}})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert "torch_vs_torchdeq.py needs torchdeq (not installed here): pip install" in out.stderr

@@ -13,12 +13,12 @@ def test_mdeq_trains_every_estimator_and_reports_its_gradient_quality(tmp_path):
     pytest.importorskip("torch")
     from implicit_demo.workloads import mdeq
 
-    rows = mdeq.run(["ift", "shine", "broyden_reuse"], epochs=1, show_progress=False, train_samples=256)
+    rows = mdeq.run(["ift", "shine"], epochs=1, show_progress=False, train_samples=192)
     by = {r["gradient"]: r for r in rows}
     assert by["ift"]["cosine_to_ift"] > 0.99  # IFT at the training tolerance against IFT at a tight one
-    assert by["shine"]["cosine_to_ift"] > 0.5 and by["broyden_reuse"]["cosine_to_ift"] > 0.5
+    assert by["shine"]["cosine_to_ift"] > 0.5
     assert by["shine"]["probe_backward_s"] < by["ift"]["probe_backward_s"]
-    assert all(0.1 < r["value"] <= 1.0 for r in rows)  # test accuracy after one short epoch
+    assert all(0.1 < r["value"] <= 1.0 for r in rows)  # test accuracy after 3 batches
     assert all(r["peak_memory_kib"] > 0 and r["steps_mean"] >= 1 for r in rows)
 
 
