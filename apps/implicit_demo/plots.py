@@ -74,7 +74,6 @@ def bench_figure(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> pathlib.
     lowest = min(r["cosine_to_ift"] for r in rows)
     axes[1].set(title="cosine of dL/dθ to exact IFT (trained model)", ylim=(max(0.0, lowest - 0.05), 1.005))
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
