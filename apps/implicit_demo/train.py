@@ -145,7 +145,12 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
         with LineProgress() as lines:
             yield lines
         return
-    columns = (TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(), TimeElapsedColumn(),
+    from rich.console import Console
+
+    console = Console()
+    # The counters matter most: in a narrow terminal the bar shrinks and the clock goes.
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=16 if console.width >= 100 else 8),
+               MofNCompleteColumn(), *([TimeElapsedColumn()] if console.width >= 100 else []),
                TextColumn("{task.fields[stats]}"))
-    with Progress(*columns) as progress:
+    with Progress(*columns, console=console) as progress:
         yield progress

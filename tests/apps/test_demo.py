@@ -108,3 +108,19 @@ def test_cli_reports_an_unavailable_backend(capsys):
         pytest.skip("CuPy is available here")
     assert main(["demo", "--backend", "cupy"]) == 2
     assert "backend 'cupy' is unavailable here" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_piped_demo_prints_one_line_per_epoch_within_80_columns(tmp_path):
+    """No bar when the output is not a terminal: one line per finished epoch with its counters."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "implicit_core.cli", "demo", "--backend", "numpy", "--epochs", "3",
+                          "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch")]
+    assert len(epochs) == 3 and all("/22" in e and "test" in e and "conv" in e for e in epochs)
+    assert all(len(line) <= 80 for line in epochs), epochs
+    assert "\r" not in out.stdout and "\x1b[" not in out.stdout  # no redrawing, no colour codes
+    assert any(line.startswith("test accuracy") for line in lines)
