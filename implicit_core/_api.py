@@ -186,6 +186,11 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         )
         if not gradient_obj.requires_inverse:
             result.state = {}  # histories are dead weight until the backward pass: free them now
+        elif not p.backend.traced:
+            # The backward reads only the inverse estimate: keep that (the solver trims it to
+            # what the solve wrote) and free the rest of the history now.
+            result.inverse = call_plugin(solver_obj, "inverse_jacobian", p, result.state)
+            result.state = {}
         return result
 
     def make_backward(
@@ -195,7 +200,7 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         # info.vjp holds this closure: referring to info weakly (and to the result without its
         # info) leaves no reference cycle, so a solve's buffers are freed as soon as the
         # caller drops them, without waiting for the cyclic garbage collector.
-        result = SolveResult(z=result.z, info=None, state=result.state, solver=result.solver)
+        result = SolveResult(z=result.z, info=None, state=result.state, solver=result.solver, inverse=result.inverse)
         info_ref = None if info is None else weakref.ref(info)
 
         def backward(g_flat: Any, lin: Any = None, differentiable: Any = None) -> Any:

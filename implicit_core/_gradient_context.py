@@ -64,6 +64,8 @@ class BackwardContext:
         solver = self.forward.solver
         if not solver.provides_inverse:
             raise ConfigurationError(f"solver {solver.name!r} keeps no inverse-Jacobian estimate")
+        if self.forward.inverse is not None:  # taken out of the state after the forward
+            return self.forward.inverse
         return solver.inverse_jacobian(self.problem, self.forward.state)
 
     def solve_adjoint(

@@ -31,6 +31,8 @@ class SolveResult:
     info: SolveInfo
     state: dict[str, Any]  # the solver's final (frozen) state
     solver: Solver
+    #: the inverse-Jacobian estimate, when it was taken out of ``state`` early (eager backends)
+    inverse: Any = None
 
 
 def residuals(problem: Problem, z: Any, fz: Any) -> tuple[Any, Any]:

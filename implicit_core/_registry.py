@@ -1,15 +1,17 @@
 """Plugin discovery and lookup.
 
-Built-in backends, solvers and gradient estimators are entry points of the group
-``implicit_core`` in this distribution's metadata, loaded by the same code as a third
-party's. Our own loop over the entry points guards every ``load()`` and every hook call, so
+The built-in backends, solvers and gradient estimators are plugin modules listed in
+:data:`BUILTINS` and imported from that list (as pytest and llm do), so a source checkout
+works without installed metadata and with autoload disabled. Third parties arrive through
+entry points of the group ``implicit_core``. Both kinds register through the same pluggy
+hooks (:mod:`implicit_core.hookspecs`), called through pluggy one plugin at a time, so that
 one broken plugin is reported (and listed as broken by ``implicit-core plugins``) while the
-others load.
+others load. Built-ins are registered in pluggy under ``implicit_core.<name>``: an entry point
+called ``torch`` cannot collide with them.
 
-Precedence on a name clash: the first registration wins. Built-in entry points (those of the
-``implicit-core`` distribution) load first, so a third party cannot silently replace a
-built-in; its clashing object is listed as broken with the reason. At run time,
-``register(obj, replace=True)`` replaces deliberately.
+Precedence on a name clash: the first registration wins. Built-ins load first, so a third
+party cannot silently replace a built-in; its clashing object is listed as broken with the
+reason. At run time, ``register(obj, replace=True)`` replaces deliberately.
 
 Environment:
     IMPLICIT_CORE_DISABLE_PLUGIN_AUTOLOAD=1  load only the built-ins (and the allow-list);
@@ -25,6 +27,7 @@ looks like a taken one (a ligature, fullwidth letters, another case) is refused.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import threading
@@ -52,6 +55,15 @@ HOOKS = {
     "solver": "implicit_core_solvers",
     "gradient": "implicit_core_gradients",
 }
+#: The built-in plugins: (pluggy name, module). Imported from this list, never from metadata.
+BUILTINS: tuple[tuple[str, str], ...] = (
+    ("implicit_core.numpy", "implicit_numpy"),
+    ("implicit_core.cupy", "implicit_cupy"),
+    ("implicit_core.torch", "implicit_torch"),
+    ("implicit_core.jax", "implicit_jax"),
+    ("implicit_core.solvers", "implicit_solvers"),
+    ("implicit_core.gradients", "implicit_gradients"),
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,18 @@ class PluginInfo:
     plugin: str  # the entry point / registered plugin name
     available: bool
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Command:
+    """An ``implicit-core`` sub-command contributed through ``implicit_core_commands``."""
+
+    name: str
+    run: Any
+    help: str
+    add_arguments: Any
+    source: str
+    plugin: str
 
 
 @dataclass
@@ -94,6 +118,7 @@ class Registry:
         self._lock = threading.RLock()
         self._loaded = False
         self._entries: dict[str, dict[str, _Entry]] = {k: {} for k in KINDS}
+        self._commands: dict[str, Command] = {}
         self._broken: list[PluginInfo] = []
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
@@ -105,6 +130,7 @@ class Registry:
             for name, plugin in list(self.pm.list_name_plugin()):
                 self.pm.unregister(plugin, name=name)
             self._entries = {k: {} for k in KINDS}
+            self._commands = {}
             self._broken = []
             self._loaded = False
         self.ensure_loaded()
@@ -118,6 +144,7 @@ class Registry:
                 return
             self._pending_warnings = pending
             try:
+                self._load_builtins()
                 self._load_entry_points()
             finally:
                 # Set only once every plugin is in: a concurrent first use waits on the lock
@@ -142,8 +169,11 @@ class Registry:
                 f"{ALLOW_ENV} names {missing!r}, but no installed distribution by that name provides "
                 f"implicit-core plugins (installed: {', '.join(sorted(found - {BUILTIN_DIST})) or 'none'})"
             )
+        builtin_modules = {module for _, module in BUILTINS}
         for ep in eps:
             dist = ep.dist.name if ep.dist is not None else "unknown"
+            if ep.value.split(":")[0] in builtin_modules:
+                continue  # metadata of an older install: the built-ins come from BUILTINS
             key = (ep.name, ep.value, _normalise(dist))
             if key in seen:  # the same distribution found twice on sys.path
                 continue
@@ -154,6 +184,15 @@ class Registry:
         # Built-ins first: they win name clashes.
         chosen.sort(key=lambda item: _normalise(item[1]) != BUILTIN_DIST)
         return chosen
+
+    def _load_builtins(self) -> None:
+        for plugin_name, module_name in BUILTINS:
+            try:
+                module = importlib.import_module(module_name)
+            except Exception as exc:  # e.g. a checkout whose backends/ is not importable
+                self._mark_broken("plugin", plugin_name, BUILTIN_DIST, plugin_name, f"failed to import {module_name!r}: {exc!r}")
+                continue
+            self._register_plugin(module, plugin_name, BUILTIN_DIST)
 
     def _load_entry_points(self) -> None:
         for ep, dist in self._selected_entry_points():
@@ -175,15 +214,33 @@ class Registry:
             except Exception:
                 pass
             return
-        for kind, hook_name in HOOKS.items():
-            hook = getattr(self.pm.hook, hook_name)
-            for impl in hook.get_hookimpls():
-                if impl.plugin is not module:
-                    continue
-                try:
-                    impl.function(register=lambda obj, k=kind: self._add(k, obj, source, plugin_name))
-                except Exception as exc:
-                    self._mark_broken(kind, plugin_name, source, plugin_name, f"hook {hook_name} raised {exc!r}")
+        others = [p for p in self.pm.get_plugins() if p is not module]
+        registrars = {kind: (lambda obj, k=kind: self._add(k, obj, source, plugin_name)) for kind in KINDS}
+        calls = [(hook_name, registrars[kind]) for kind, hook_name in HOOKS.items()]
+        calls.append(("implicit_core_commands", lambda name, run, **kw: self._add_command(name, run, source, plugin_name, **kw)))
+        for hook_name, register in calls:
+            # Through pluggy, restricted to this plugin: its failure is its own.
+            caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+            try:
+                caller(register=register)
+            except Exception as exc:
+                kind = next((k for k, h in HOOKS.items() if h == hook_name), "command")
+                self._mark_broken(kind, plugin_name, source, plugin_name, f"hook {hook_name} raised {exc!r}")
+
+    def _add_command(self, name: str, run: Any, source: str, plugin: str, *, help: str = "",
+                     add_arguments: Any = None) -> None:
+        try:
+            if not isinstance(name, str) or not name.replace("-", "_").isidentifier():
+                raise PluginError(f"a command name must be a word like 'train', got {name!r}")
+            if not callable(run) or (add_arguments is not None and not callable(add_arguments)):
+                raise PluginError(f"command {name!r}: run (and add_arguments) must be callables")
+            if name in self._commands or name == "plugins":
+                taken = self._commands.get(name)
+                raise PluginError(f"command {name!r} is already taken by {taken.source if taken else 'implicit-core'}")
+        except Exception as exc:
+            self._mark_broken("command", str(name), source, plugin, str(exc))
+            return
+        self._commands[name] = Command(name, run, help, add_arguments, source, plugin)
 
     def _mark_broken(self, kind: str, name: str, source: str, plugin: str, reason: str) -> None:
         self._broken.append(PluginInfo(kind, name, source, plugin, False, reason))
@@ -197,14 +254,23 @@ class Registry:
         else:
             warnings.warn(message, PluginWarning, stacklevel=4)
 
-    def _add(self, kind: str, obj: Any, source: str, plugin: str, replace: bool = False) -> None:
-        """Validate and store one registration made by a hook (errors become 'broken' rows)."""
+    def _add(self, kind: str, obj: Any, source: str, plugin: str, replace: bool = False, strict: bool = False) -> None:
+        """Validate and store one registration: the one path for hooks and ``register()``.
+
+        From a hook (``strict=False``) an invalid object or a taken name becomes a 'broken' row
+        (a plugin may hand over anything: report it, never crash); at run time it raises.
+        """
         try:
             entry = self._make_entry(kind, obj, source, plugin)
             taken = self._taken(kind, entry.name)
-            if taken is not None and not replace:
-                raise PluginError(self._taken_message(kind, entry.name, taken) + "; the first registration wins")
-        except Exception as exc:  # a plugin may hand over anything: report it, never crash
+            if taken is not None and not (replace and taken.name == entry.name):
+                advice = ("; the first registration wins" if not strict
+                          else "; pass replace=True to replace it, or choose another name" if taken.name == entry.name
+                          else "; choose a name that does not imitate another")
+                raise PluginError(self._taken_message(kind, entry.name, taken) + advice)
+        except Exception as exc:
+            if strict:
+                raise
             self._mark_broken(kind, getattr(obj, "name", repr(obj)), source, plugin, str(exc))
             return
         self._entries[kind][entry.name] = entry
@@ -236,17 +302,8 @@ class Registry:
     # ----------------------------------------------------------------- public
     def register(self, obj: Any, *, replace: bool = False) -> None:
         self.ensure_loaded()
-        kind = _kind_of(obj)
         with self._lock:
-            entry = self._make_entry(kind, obj, "runtime", "runtime")
-            taken = self._taken(kind, entry.name)
-            if taken is not None and not (replace and taken.name == entry.name):
-                raise PluginError(
-                    self._taken_message(kind, entry.name, taken)
-                    + ("; pass replace=True to replace it, or choose another name" if taken.name == entry.name
-                       else "; choose a name that does not imitate another")
-                )
-            self._entries[kind][entry.name] = entry
+            self._add(_kind_of(obj), obj, "runtime", "runtime", replace=replace, strict=True)
 
     def unregister(self, name: str, kind: str | None = None) -> None:
         self.ensure_loaded()
@@ -272,6 +329,11 @@ class Registry:
             )
         return entries[name].obj
 
+    def commands(self) -> list[Command]:
+        self.ensure_loaded()
+        with self._lock:
+            return list(self._commands.values())
+
     def solvers_with_inverse(self) -> list[str]:
         self.ensure_loaded()
         with self._lock:
@@ -294,6 +356,7 @@ class Registry:
                 if kind == "backend":
                     ok, reason = _safe_available(entry.obj)
                 rows.append(PluginInfo(kind, entry.name, entry.source, entry.plugin, ok, reason))
+        rows += [PluginInfo("command", c.name, c.source, c.plugin, True) for c in self.commands()]
         return rows + broken
 
 

@@ -39,3 +39,14 @@ def implicit_core_solvers(register: Callable[[Any], None]) -> None:
 @hookspec
 def implicit_core_gradients(register: Callable[[Any], None]) -> None:
     """Register :class:`~implicit_core.GradientEstimator` subclasses."""
+
+
+@hookspec
+def implicit_core_commands(register: Callable[..., None]) -> None:
+    """Add ``implicit-core`` sub-commands: ``register(name, run, *, help, add_arguments=None)``.
+
+    ``add_arguments(parser)`` declares the command's options on its ``argparse`` parser;
+    ``run(args) -> int`` executes it and returns the exit status. A command raising an
+    :class:`~implicit_core.ImplicitError` gets the one-line error treatment of the built-in
+    ones. The demo's ``demo`` and ``bench`` are registered this way.
+    """

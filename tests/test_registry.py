@@ -1,4 +1,5 @@
-"""Plugin discovery: built-ins and third parties through the same entry-point group."""
+"""Plugin discovery: built-ins from the core's list, third parties through entry points, both
+through the same pluggy hooks."""
 
 import subprocess
 import sys
@@ -25,12 +26,13 @@ def solver_names():
     return {p.name for p in ic.plugins() if p.kind == "solver" and p.available}
 
 
-def test_builtins_come_from_entry_points():
+def test_builtins_are_registered_from_the_core_list():
     rows = {(p.kind, p.name): p for p in ic.plugins()}
     for kind, name in [("backend", "numpy"), ("backend", "cupy"), ("solver", "anderson"), ("solver", "broyden"),
                        ("solver", "fixed_point"), ("gradient", "ift"), ("gradient", "jfb"), ("gradient", "phantom"),
                        ("gradient", "shine"), ("gradient", "broyden_reuse")]:
         assert rows[(kind, name)].source == "implicit-core"
+        assert rows[(kind, name)].plugin.startswith("implicit_core.")  # prefixed: no clash with a third party's
     assert rows[("backend", "numpy")].available
     cupy = rows[("backend", "cupy")]
     if not cupy.available:
@@ -212,4 +214,76 @@ def test_nothing_outside_the_core_imports_its_private_modules():
     private = re.compile(r"^\s*(from|import)\s+implicit_core\._", re.M)
     offenders = [str(path.relative_to(root)) for folder in ("backends", "plugins", "apps", "examples", "benchmarks")
                  for path in (root / folder).rglob("*.py") if private.search(path.read_text())]
+    assert offenders == []
+
+
+def test_a_source_tree_without_installed_metadata_has_every_builtin():
+    """No entry points at all (a checkout on PYTHONPATH, never installed): the built-ins load."""
+    code = textwrap.dedent("""
+        import importlib.metadata as md
+        md.entry_points = lambda **kw: []            # as if nothing were installed
+        import numpy as np, implicit_core as ic
+        names = sorted(p.name for p in ic.plugins() if p.kind in ("solver", "gradient"))
+        z, info = ic.fixed_point(lambda z, a: 0.5 * z + 1.0, np.zeros((2, 3)), solver="anderson")
+        print(",".join(names), bool(info.converged.all()))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["anderson,broyden,broyden_reuse,fixed_point,ift,jfb,phantom,shine", "True"]
+
+
+def test_a_third_party_entry_point_named_like_a_builtin_does_not_collide(tmp_path, fresh_registry):
+    _make_distribution(tmp_path, "relaxed-solver", "relaxed_solver", GOOD_PLUGIN, entry="torch")
+    fresh_registry.syspath_prepend(str(tmp_path))
+    ic.reload_plugins()
+    rows = {(p.kind, p.name): p for p in ic.plugins()}
+    assert rows[("solver", "relaxed")].plugin == "torch" and rows[("solver", "relaxed")].available
+    assert rows[("backend", "torch")].plugin == "implicit_core.torch"
+
+
+COMMAND_PLUGIN = """
+    import implicit_core as ic
+
+    def add_arguments(parser):
+        parser.add_argument("--name", default="world")
+
+    def run(args):
+        print(f"hello {args.name}")
+        return 0
+
+    @ic.hookimpl
+    def implicit_core_commands(register):
+        register("hello", run, help="say hello", add_arguments=add_arguments)
+        register("demo", run, help="clashes with the demo's command")
+"""
+
+
+def test_a_distribution_adds_cli_commands_through_the_hook(tmp_path, fresh_registry, capsys):
+    from implicit_core.cli import main
+
+    _make_distribution(tmp_path, "hello-command", "hello_command", COMMAND_PLUGIN, entry="hello")
+    _make_distribution(tmp_path, "bad-command", "bad_command", """
+        import implicit_core as ic
+        @ic.hookimpl
+        def implicit_core_commands(register):
+            raise RuntimeError("no commands today")
+    """, entry="bad")
+    fresh_registry.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ic.PluginWarning)
+        ic.reload_plugins()
+    commands = {p.name: p.source for p in ic.plugins() if p.kind == "command" and p.available}
+    assert commands["hello"] == "hello-command"
+    assert commands["demo"] == "implicit-core"  # the first registration wins
+    broken = {p.name: p.reason for p in ic.plugins() if p.kind == "command" and not p.available}
+    assert "already taken" in broken["demo"] and "no commands today" in broken["bad"]
+    assert main(["hello", "--name", "DEQ"]) == 0
+    assert capsys.readouterr().out.strip() == "hello DEQ"
+
+
+def test_the_core_imports_no_app():
+    """The demo's commands arrive through the hook: nothing in implicit_core names the app."""
+    import pathlib
+
+    core = pathlib.Path(ic.__file__).parent
+    offenders = [p.name for p in core.rglob("*.py") if "implicit_demo" in p.read_text()]
     assert offenders == []

@@ -216,7 +216,10 @@ class Broyden(Solver):
 
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
         U, V = state["U"], state["V"]
-        if not problem.backend.traced:  # only the columns some sample wrote
+        if not problem.backend.traced:
+            # Only the columns some sample wrote, copied: the backward then keeps those alive
+            # rather than the whole (batch, m, n) buffers.
             cols = min(int(problem.xp.max(state["count"])), self._slots(state))
-            U, V = U[:, :cols], V[:, :cols]
+            if cols < self._slots(state):
+                U, V = (problem.xp.asarray(x[:, :cols], copy=True) for x in (U, V))
         return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)
