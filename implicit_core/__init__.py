@@ -36,6 +36,7 @@ from ._registry import (
     get_solver,
     plugins,
     register,
+    register_plugin,
     reload_plugins,
     require_available,
     unregister,
@@ -49,7 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "fixed_point", "root", "resolve_plugins", "check_stopping_rule", "SolveInfo",
     "get_solver", "get_gradient", "get_backend", "available_backends", "require_available",
-    "plugins", "PluginInfo", "register", "unregister", "reload_plugins", "hookimpl", "hookspec",
+    "plugins", "PluginInfo", "register", "register_plugin", "unregister", "reload_plugins", "hookimpl", "hookspec",
     "Backend", "ExplicitVJPBackend", "Solver", "GradientEstimator", "BackwardContext", "Problem",
     "InverseJacobian", "LowRankInverse",
     "jacobian_regularisation", "spectral_radius",

@@ -391,6 +391,19 @@ def register(obj: Any, *, replace: bool = False) -> None:
     REGISTRY.register(obj, replace=replace)
 
 
+def register_plugin(plugin: Any, name: str | None = None) -> None:
+    """Register a plugin object or module (with ``@hookimpl`` functions) now, as an entry point would.
+
+    Its hooks run at once, through the same path as installed plugins: what they register is
+    listed with source ``"runtime"``, and a failure is reported as a broken plugin (with a
+    :class:`PluginWarning`) rather than raised.
+    """
+    REGISTRY.ensure_loaded()
+    plugin_name = name or getattr(plugin, "__name__", type(plugin).__name__)
+    with REGISTRY._lock:
+        REGISTRY._register_plugin(plugin, plugin_name, "runtime")
+
+
 def unregister(name: str, kind: str | None = None) -> None:
     """Remove a registration by name (``kind`` disambiguates when names repeat across kinds)."""
     REGISTRY.unregister(name, kind)
