@@ -89,10 +89,9 @@ class Broyden(Solver):
             "broyden", "max_growth", max_growth, 1.0, float("inf"), low_open=True)
 
     # ----------------------------------------------------------------- helpers
-    def _ring(self, problem) -> int:
-        """Rank-one terms kept: ``m``, or fewer when the solve cannot write that many (one per
-        step, two with OPA); term ``i`` lives in slot ``i mod ring``."""
-        return min(self.m, problem.max_steps * (2 if self.opa is not None else 1))
+    def _slots(self, state: dict[str, Any]) -> int:
+        """Rank-one slots of this solve's buffers (``m``, or fewer for a short solve)."""
+        return int(state["U"].shape[1])
 
     def _update(self, problem) -> str:
         """The rule this solve uses (``"auto"`` resolved against what the backward reads)."""
@@ -108,19 +107,12 @@ class Broyden(Solver):
         """``H`` before this step's update; eager backends skip the columns not yet written."""
         U, V = state["U"], state["V"]
         if not problem.backend.traced:
-            cols = min(int(written), self._ring(problem))
+            cols = min(int(written), self._slots(state))
             U, V = U[:, :cols], V[:, :cols]
         return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)
 
     def _write(self, problem, state, index, u, v, active):
-        slot = index % self._ring(problem)
-        if not problem.backend.traced and slot >= state["U"].shape[1]:
-            # Eager backends grow the buffers as terms arrive (doubling, up to the ring size):
-            # a solve of 10 steps holds 16 columns, not m = 30, and so does the estimate SHINE keeps.
-            xp, (batch, capacity, n) = problem.xp, state["U"].shape
-            grown = min(self._ring(problem), max(2 * capacity, slot + 1))
-            pad = xp.zeros((batch, grown - capacity, n), dtype=state["U"].dtype, device=problem.backend.device(state["U"]))
-            state["U"], state["V"] = (xp.concat([state[key], pad], axis=1) for key in ("U", "V"))
+        slot = index % self._slots(state)
         state["U"] = write_row(problem, state["U"], slot, u, active)
         state["V"] = write_row(problem, state["V"], slot, v, active)
 
@@ -142,9 +134,9 @@ class Broyden(Solver):
     def init(self, problem, z0) -> dict[str, Any]:
         xp, be = problem.xp, problem.backend
         batch, n = z0.shape
-        # Compiled (traced) loops need the whole ring up front; eager ones start small and grow.
-        ring = self._ring(problem)
-        shape = (batch, ring if be.traced else min(ring, 8), n)
+        # No more rank-one slots than the solve can write (one per step, two with OPA).
+        m = min(self.m, problem.max_steps * (2 if self.opa is not None else 1))
+        shape = (batch, m, n)
         # Zeros, not uninitialised memory: a sample that stops early never writes its later
         # columns, and the inverse estimate handed to SHINE reads every column.
         U = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
@@ -224,7 +216,10 @@ class Broyden(Solver):
 
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
         U, V = state["U"], state["V"]
-        if not problem.backend.traced:  # only the columns some sample wrote
-            cols = min(int(problem.xp.max(state["count"])), self._ring(problem))
-            U, V = U[:, :cols], V[:, :cols]
+        if not problem.backend.traced:
+            # Only the columns some sample wrote, copied: the backward then keeps those alive
+            # rather than the whole (batch, m, n) buffers.
+            cols = min(int(problem.xp.max(state["count"])), self._slots(state))
+            if cols < self._slots(state):
+                U, V = (problem.xp.asarray(x[:, :cols], copy=True) for x in (U, V))
         return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)
