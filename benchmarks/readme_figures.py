@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import pathlib
 import platform
 import re
@@ -34,7 +33,9 @@ def machine() -> str:
             versions.append(f"{name} {__import__(name).__version__}")
         except ImportError:
             pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from implicit_demo.threads import usable_cores
+
+    cores = usable_cores()
     return f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.system()}, {cores} CPU cores, " \
            f"Python {platform.python_version()}, " + ", ".join(versions)
 

@@ -30,6 +30,7 @@ EXACT = {"tol": 1e-5, "max_iter": 200}
 
 
 def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Cosine between two gradients given as lists of arrays (all parameters together)."""
     u = np.concatenate([x.ravel() for x in a])
     v = np.concatenate([x.ravel() for x in b])
     return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))

@@ -15,6 +15,11 @@ import sys
 ENV = "IMPLICIT_CORE_THREADS"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform reports it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_threads() -> int:
     """``$IMPLICIT_CORE_THREADS`` if set, else half the usable cores (at least 1)."""
     value = os.environ.get(ENV, "").strip()
@@ -24,8 +29,7 @@ def default_threads() -> int:
 
             raise ConfigurationError(f"{ENV} must be a whole number >= 1, got {value!r}")
         return int(value)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // 2)
+    return max(1, usable_cores() // 2)
 
 
 def limit_threads(n: int) -> None:

@@ -12,15 +12,10 @@ import pytest
 import implicit_core as ic
 
 pytest.importorskip("sklearn")
+from implicit_demo.bench import cosine  # noqa: E402
 from implicit_demo.data import load_digits  # noqa: E402
 from implicit_demo.model import DemoConfig  # noqa: E402
 from implicit_demo.train import train  # noqa: E402
-
-
-def cosine(a, b):
-    u = np.concatenate([x.ravel() for x in a])
-    v = np.concatenate([x.ravel() for x in b])
-    return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
 
 
 @pytest.fixture(scope="module")

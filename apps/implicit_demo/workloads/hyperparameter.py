@@ -22,7 +22,7 @@ import numpy as np
 
 import implicit_core as ic
 
-from .report import cosine
+from ..bench import cosine
 
 
 def load_problem(seed: int = 0):

@@ -6,15 +6,6 @@ import csv
 import pathlib
 from typing import Any, Sequence
 
-import numpy as np
-
-
-def cosine(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
-    """Cosine between two gradients given as lists of arrays (all parameters together)."""
-    u = np.concatenate([np.ravel(x) for x in a])
-    v = np.concatenate([np.ravel(x) for x in b])
-    return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
-
 
 def _ratio(row: dict[str, Any], rows: Sequence[dict[str, Any]], key: str) -> str:
     ift = next((r for r in rows if r["gradient"] == "ift"), None)
