@@ -8,10 +8,13 @@ Everything else (solvers, gradient estimators, the solve loop) is written once a
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import abc
 import contextlib
+import importlib
+import importlib.util
+import sys
 
 import array_api_compat
 
@@ -19,9 +22,10 @@ import array_api_compat
 class Backend(abc.ABC):
     """Base class of every backend plugin.
 
-    Subclasses set :attr:`name` and implement :meth:`available`, :meth:`owns` and
+    Subclasses set :attr:`name` and :attr:`requires` and implement :meth:`owns` and
     :meth:`namespace`; frameworks with autodiff also override the VJP methods
-    (:meth:`linearise`, :meth:`vjp_at`) and :meth:`attach`.
+    (:meth:`linearise`, :meth:`vjp_at`) and :meth:`attach`. A backend whose library can be
+    importable yet unusable (CuPy without a CUDA device) extends :meth:`available`.
     """
 
     #: The name users pass as ``backend=...``.
@@ -32,10 +36,49 @@ class Backend(abc.ABC):
     #: True when VJPs come from the user (``vjp=``) instead of the framework's autodiff.
     explicit_vjp: bool = False
 
+    #: The modules the backend imports when used (``("torch",)``); listing plugins looks
+    #: them up with ``importlib.util.find_spec`` and never imports them.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: What to install when a required module is missing (shown in the reason).
+    install_hint: ClassVar[str] = ""
+
     # ----------------------------------------------------------------- discovery
-    @abc.abstractmethod
+    def installed(self) -> tuple[bool, str]:
+        """Whether every module in :attr:`requires` can be found, without importing any.
+
+        ``(True, "")`` or ``(False, reason)``; cheap enough for listing plugins.
+        """
+        for module in self.requires:
+            if module in sys.modules:
+                continue
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                hint = f"; {self.install_hint}" if self.install_hint else ""
+                return False, f"{module} is not installed{hint}"
+        return True, ""
+
+    def imported(self) -> bool:
+        """Whether the required modules are imported already (then :meth:`available` is cheap)."""
+        return all(module in sys.modules for module in self.requires)
+
     def available(self) -> tuple[bool, str]:
-        """``(True, "")`` when usable here, else ``(False, reason)``."""
+        """``(True, "")`` when usable here, else ``(False, reason)``.
+
+        The default imports :attr:`requires`; backends with more conditions (a device) extend it.
+        """
+        ok, reason = self.installed()
+        if not ok:
+            return ok, reason
+        for module in self.requires:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # installed but broken (a bad build, a missing library)
+                hint = f"; {self.install_hint}" if self.install_hint else ""
+                return False, f"{module} is not importable ({type(exc).__name__}: {exc}){hint}"
+        return True, ""
 
     @abc.abstractmethod
     def owns(self, x: Any) -> bool:

@@ -76,6 +76,9 @@ class PluginInfo:
     plugin: str  # the entry point / registered plugin name
     available: bool
     reason: str = ""
+    #: False for a backend whose framework was only looked up, not imported: ``available``
+    #: then means "installed" (``plugins(check=True)`` imports and probes it).
+    checked: bool = True
 
 
 @dataclass(frozen=True)
@@ -344,7 +347,7 @@ class Registry:
         with self._lock:
             return [e.obj for e in self._entries["backend"].values()]
 
-    def infos(self) -> list[PluginInfo]:
+    def infos(self, check: bool = False) -> list[PluginInfo]:
         self.ensure_loaded()
         with self._lock:
             snapshot = {kind: list(entries.values()) for kind, entries in self._entries.items()}
@@ -352,12 +355,24 @@ class Registry:
         rows = []
         for kind, entries in snapshot.items():
             for entry in entries:
-                ok, reason = True, ""
+                ok, reason, checked = True, "", True
                 if kind == "backend":
-                    ok, reason = _safe_available(entry.obj)
-                rows.append(PluginInfo(kind, entry.name, entry.source, entry.plugin, ok, reason))
+                    ok, reason, checked = _backend_status(entry.obj, check)
+                rows.append(PluginInfo(kind, entry.name, entry.source, entry.plugin, ok, reason, checked))
         rows += [PluginInfo("command", c.name, c.source, c.plugin, True) for c in self.commands()]
         return rows + broken
+
+
+def _backend_status(backend: Backend, check: bool) -> tuple[bool, str, bool]:
+    """``(ok, reason, checked)``: probed when asked or when its framework is imported already,
+    otherwise only looked up on disk (importing torch, JAX and CuPy to list them takes seconds)."""
+    if check or backend.imported():
+        return (*_safe_available(backend), True)
+    try:
+        ok, reason = backend.installed()
+    except Exception as exc:
+        return False, f"installed() raised {exc!r}", True
+    return bool(ok), str(reason), not ok
 
 
 def _safe_available(backend: Backend) -> tuple[bool, str]:
@@ -381,9 +396,14 @@ def _kind_of(obj: Any) -> str:
 REGISTRY = Registry()
 
 
-def plugins() -> list[PluginInfo]:
-    """Every registered backend, solver and gradient estimator, and every broken plugin."""
-    return REGISTRY.infos()
+def plugins(check: bool = False) -> list[PluginInfo]:
+    """Every registered backend, solver, gradient estimator and command, and every broken plugin.
+
+    Backends whose framework is not imported yet are only looked up on disk
+    (``importlib.util.find_spec``): their row says ``checked=False`` and ``available`` means
+    "installed". ``check=True`` imports each framework and probes it (CuPy: a CUDA device).
+    """
+    return REGISTRY.infos(check)
 
 
 def register(obj: Any, *, replace: bool = False) -> None:

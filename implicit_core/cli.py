@@ -10,12 +10,14 @@ from typing import Sequence
 from ._errors import ImplicitError, PluginWarning
 from ._registry import REGISTRY, plugins
 
-def _rows() -> list[tuple[str, str, str, str, str]]:
+def _rows(check: bool = False) -> list[tuple[str, str, str, str, str]]:
     order = {"backend": 0, "solver": 1, "gradient": 2, "command": 3, "plugin": 4}
     rows = []
-    for p in sorted(plugins(), key=lambda p: (order.get(p.kind, 9), p.name)):
+    for p in sorted(plugins(check), key=lambda p: (order.get(p.kind, 9), p.name)):
         if p.kind == "plugin" or (not p.available and p.kind != "backend"):
             status = "broken"
+        elif not p.checked:
+            status = "installed"
         else:
             status = "available" if p.available else "unavailable"
         rows.append((p.kind, p.name, p.source, status, p.reason))
@@ -23,7 +25,7 @@ def _rows() -> list[tuple[str, str, str, str, str]]:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    rows = _rows()
+    rows = _rows(args.check)
     headers = ("kind", "name", "source", "status", "reason")
     if sys.stdout.isatty() and not args.plain:
         try:
@@ -35,9 +37,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             table = Table(title="implicit-core plugins")
             for h in headers:
                 table.add_column(h, overflow="fold")
-            style = {"available": "green", "unavailable": "yellow", "broken": "red"}
+            style = {"available": "green", "installed": "cyan", "unavailable": "yellow", "broken": "red"}
             for row in rows:
                 table.add_row(*row[:3], f"[{style[row[3]]}]{row[3]}[/]", row[4])
+            if any(row[3] == "installed" for row in rows):
+                table.caption = "installed: found on disk, not imported; --check imports and probes each backend"
             Console().print(table)
             return 0
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:4])]
@@ -45,6 +49,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     print(line(headers[:4]) + "  reason")
     for row in rows:
         print(line(row[:4]) + ("  " + row[4] if row[4] else ""))
+    if any(row[3] == "installed" for row in rows):
+        print("\n'installed': found on disk, not imported; --check imports each backend and probes it")
     return 0
 
 
@@ -71,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("plugins", help="list backends, solvers and gradient estimators and where they come from")
     p.add_argument("--plain", action="store_true", help="plain text even on a terminal")
+    p.add_argument("--check", action="store_true",
+                   help="import every backend's framework and probe it (a CUDA device for CuPy); slower")
     p.set_defaults(func=cmd_plugins)
     for command in sorted(REGISTRY.commands(), key=lambda c: c.name):  # added by plugins
         p = sub.add_parser(command.name, help=command.help)

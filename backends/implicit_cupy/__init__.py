@@ -15,11 +15,9 @@ from implicit_core import ExplicitVJPBackend, hookimpl
 
 
 @functools.lru_cache(maxsize=1)
-def _probe() -> tuple[bool, str]:
-    try:
-        import cupy
-    except Exception as exc:  # not installed, or a broken CUDA install
-        return False, f"cupy is not importable ({type(exc).__name__}: {exc}); pip install 'implicit-core[cupy]'"
+def _device_probe() -> tuple[bool, str]:
+    import cupy
+
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
@@ -31,9 +29,12 @@ def _probe() -> tuple[bool, str]:
 
 class CupyBackend(ExplicitVJPBackend):
     name = "cupy"
+    requires = ("cupy",)
+    install_hint = "pip install 'implicit-core[cupy]'"
 
     def available(self) -> tuple[bool, str]:
-        return _probe()
+        ok, reason = super().available()  # importable?
+        return _device_probe() if ok else (ok, reason)
 
     def owns(self, x: Any) -> bool:
         return array_api_compat.is_cupy_array(x)

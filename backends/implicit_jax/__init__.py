@@ -42,13 +42,8 @@ _INFO_FIELDS = ("steps", "residual", "rel_residual", "converged", "status")
 class JaxBackend(Backend):
     name = "jax"
     traced = True
-
-    def available(self) -> tuple[bool, str]:
-        try:
-            import jax  # noqa: F401
-        except Exception as exc:
-            return False, f"jax is not importable ({type(exc).__name__}: {exc}); pip install 'implicit-core[jax]'"
-        return True, ""
+    requires = ("jax",)
+    install_hint = "pip install 'implicit-core[jax]'"
 
     def owns(self, x: Any) -> bool:
         import sys

@@ -14,9 +14,7 @@ from implicit_core import ExplicitVJPBackend, hookimpl
 
 class NumpyBackend(ExplicitVJPBackend):
     name = "numpy"
-
-    def available(self) -> tuple[bool, str]:
-        return True, ""
+    requires = ("numpy",)
 
     def owns(self, x: Any) -> bool:
         return array_api_compat.is_numpy_array(x)

@@ -21,13 +21,8 @@ from implicit_core import Backend, ConfigurationError, hookimpl
 
 class TorchBackend(Backend):
     name = "torch"
-
-    def available(self) -> tuple[bool, str]:
-        try:
-            import torch  # noqa: F401
-        except Exception as exc:
-            return False, f"torch is not importable ({type(exc).__name__}: {exc}); pip install 'implicit-core[torch]'"
-        return True, ""
+    requires = ("torch",)
+    install_hint = "pip install torch, then 'implicit-core[torch]'"
 
     def owns(self, x: Any) -> bool:
         return array_api_compat.is_torch_array(x)
