@@ -76,7 +76,7 @@ def ours(cell, solver, mode):
     if mode == "ift":
         options["gradient"] = get_gradient("ift", solver=solver, tol=TOL, max_iter=MAX_ITER, stop_mode="abs")  # as TorchDEQ's b_stop_mode
     elif mode == "phantom":
-        options["gradient"] = get_gradient("phantom", k=PHANTOM_K, lam=PHANTOM_LAM)
+        options["gradient"] = get_gradient("phantom", k=PHANTOM_K, damping=PHANTOM_LAM)
     else:
         options["gradient"] = mode
     deq = DEQ(cell, solver=solver, tol=TOL, max_iter=MAX_ITER, on_fail="ignore", state_shape=(cell.W.shape[0],),

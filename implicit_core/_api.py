@@ -304,6 +304,9 @@ def resolve_plugins(
     routed: dict[str, dict[str, Any]] = {"solver": {}, "gradient": {}}
     for key, value in options.items():
         takers = [kind for kind, (_, names) in targets.items() if key in names]
+        if not takers:  # an option's old name, routed to the plugin that renamed it
+            takers = [kind for kind, (spec, _) in targets.items()
+                      if isinstance(spec, str) and key in REGISTRY.get(kind, spec).deprecated_options]
         if len(takers) == 2:
             raise ConfigurationError(
                 f"option {key!r} is accepted by both the solver and the gradient estimator: "

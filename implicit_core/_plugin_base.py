@@ -2,16 +2,23 @@
 
 A solver is a small object with ``init`` / ``step`` over a dict of per-sample arrays of fixed
 shapes, so that the one generic loop in :mod:`implicit_core._loop` runs it eagerly or under a
-tracing compiler alike. Its options are the keyword arguments of ``__init__`` (validated
-there); :meth:`option_names` reads them off the signature so that unknown keys are rejected.
+tracing compiler alike.
+
+Options are declared, not guessed: a plugin class is a :func:`dataclasses.dataclass` whose
+fields are its options (validated in ``__post_init__``), as optimistix's solvers are equinox
+modules. :meth:`option_names` lists the fields, so unknown keys are rejected with the list of
+known ones, and an estimator without options simply has no fields. A renamed option stays
+accepted for one release through :attr:`deprecated_options`.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import inspect
 import math
 import numbers
+import warnings
 
 import array_api_compat
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -26,14 +33,44 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class _Configurable:
     name: ClassVar[str] = ""
+    #: Renamed options still accepted (with a ``DeprecationWarning``): ``{old: new}``.
+    deprecated_options: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def option_names(cls) -> list[str]:
+        """The declared options: the dataclass fields set through the constructor."""
+        if not dataclasses.is_dataclass(cls):
+            warnings.warn(
+                f"{cls.__qualname__}: declare the options of a plugin as dataclass fields "
+                "(@dataclasses.dataclass); reading them off __init__ is deprecated",
+                DeprecationWarning, stacklevel=3,
+            )
+        return cls._option_names()
+
+    @classmethod
+    def _option_names(cls) -> list[str]:
+        if dataclasses.is_dataclass(cls):
+            return [f.name for f in dataclasses.fields(cls) if f.init]
+        # A plain class (written before options were declared): its __init__ keywords.
         params = inspect.signature(cls.__init__).parameters
-        return [p for p, spec in params.items() if p != "self" and spec.kind is not spec.VAR_KEYWORD]
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [p for p, spec in params.items() if p != "self" and spec.kind in keyword]
+
+    @classmethod
+    def upgrade_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with deprecated names replaced by the current ones (warning once each)."""
+        out = dict(options)
+        for old, new in cls.deprecated_options.items():
+            if old in out:
+                if new in out:
+                    raise ConfigurationError(f"{cls.name}: pass {new!r} only ({old!r} is its old name)")
+                warnings.warn(f"{cls.name}: option {old!r} is now called {new!r}; the old name will be removed",
+                              DeprecationWarning, stacklevel=4)
+                out[new] = out.pop(old)
+        return out
 
     def options(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.option_names() if hasattr(self, key)}
+        return {key: getattr(self, key) for key in self._option_names() if hasattr(self, key)}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

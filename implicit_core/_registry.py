@@ -436,6 +436,7 @@ def reload_plugins() -> None:
 
 def _instantiate(kind: str, name: str, options: dict[str, Any]) -> Any:
     cls = REGISTRY.get(kind, name)
+    options = cls.upgrade_options(options)
     allowed = cls.option_names()
     unknown = [k for k in options if k not in allowed]
     if unknown:

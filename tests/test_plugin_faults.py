@@ -1,5 +1,7 @@
 """A plugin that misbehaves at solve time gets a PluginError naming it; the others keep working."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -11,11 +13,10 @@ def host(be, x):
     return np.asarray(be.to_python(x))
 
 
+@dataclasses.dataclass(eq=False)
 class Faulty(ic.Solver):
     name = "faulty"
-
-    def __init__(self, fault: str = "not_a_dict"):
-        self.fault = fault
+    fault: str = "not_a_dict"
 
     def init(self, problem, z0):
         if self.fault == "init_raises":
@@ -33,11 +34,10 @@ class Faulty(ic.Solver):
         }[self.fault]()
 
 
+@dataclasses.dataclass(eq=False)
 class FaultyGradient(ic.GradientEstimator):
     name = "faulty_gradient"
-
-    def __init__(self, fault: str = "wrong_shape"):
-        self.fault = fault
+    fault: str = "wrong_shape"
 
     def estimate(self, ctx):
         return {"wrong_shape": lambda: ctx.g[:, :3], "returns_none": lambda: None,

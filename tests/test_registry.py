@@ -1,6 +1,7 @@
 """Plugin discovery: built-ins from the core's list, third parties through entry points, both
 through the same pluggy hooks."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -49,14 +50,14 @@ def test_unknown_names_suggest_the_closest():
         ic.get_solver("anderson", mm=3)
 
 
+@dataclasses.dataclass(eq=False)
 class Halving(ic.Solver):
     """A third-party solver: z <- (z + F(z)) / 2, with a fake identity-based inverse."""
 
     name = "halving"
     provides_inverse = True
 
-    def __init__(self, weight: float = 0.5):
-        self.weight = weight
+    weight: float = 0.5
 
     def init(self, problem, z0):
         return {"z": z0, "fz": problem.F(z0)}
@@ -87,6 +88,46 @@ def test_runtime_registration_is_used_by_fixed_point_and_shine(fresh_registry):
         ic.get_solver("halving")
 
 
+def test_options_are_the_declared_dataclass_fields():
+    assert ic.get_solver("anderson").option_names() == ["m", "lam", "beta"]
+    assert ic.get_gradient("jfb").option_names() == []  # no options: nothing to advertise
+    assert ic.get_gradient("ift").option_names() == ["solver", "tol", "max_iter", "stop_mode"]
+    assert repr(ic.get_solver("anderson", m=3)) == "Anderson(m=3, lam=0.0001, beta=1.0)"
+
+
+def test_a_renamed_option_keeps_working_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="'lam' is now called 'damping'"):
+        assert ic.get_gradient("phantom", lam=0.5).damping == 0.5
+    with pytest.raises(ic.ConfigurationError, match="pass 'damping' only"):
+        ic.get_gradient("phantom", lam=0.5, damping=0.5)
+    # Anderson's own `lam` is no longer ambiguous with phantom's damping.
+    solver, gradient = ic.resolve_plugins("anderson", "phantom", lam=1e-3, damping=0.5)
+    assert (solver.lam, gradient.damping) == (1e-3, 0.5)
+    with pytest.warns(DeprecationWarning):  # with a solver that has no `lam`: the old name still reaches phantom
+        _, gradient = ic.resolve_plugins("fixed_point", "phantom", lam=0.5)
+    assert gradient.damping == 0.5
+
+
+def test_a_plain_class_plugin_still_works_but_is_told_to_declare_options(fresh_registry):
+    class Legacy(ic.Solver):
+        name = "legacy"
+
+        def __init__(self, tau: float = 0.5, *args, **kwargs):
+            self.tau = tau
+
+        def init(self, problem, z0):
+            return {"z": z0, "fz": problem.F(z0)}
+
+        def step(self, problem, state, k, active):
+            return {"z": state["fz"], "fz": problem.F(state["fz"])}
+
+    ic.register(Legacy)
+    with pytest.warns(DeprecationWarning, match="declare the options"):
+        assert ic.get_solver("legacy", tau=0.3).tau == 0.3
+    with pytest.warns(DeprecationWarning), pytest.raises(ic.ConfigurationError, match="unknown option 'args'"):
+        ic.get_solver("legacy", args=1)
+
+
 def test_registering_garbage_is_a_typed_error(fresh_registry):
     with pytest.raises(ic.ConfigurationError):
         ic.register(object)
@@ -104,12 +145,13 @@ def _make_distribution(root, dist, module, source, entry="thirdparty"):
 
 
 GOOD_PLUGIN = """
+    import dataclasses
     import implicit_core as ic
 
+    @dataclasses.dataclass(eq=False)
     class Relaxed(ic.Solver):
         name = "relaxed"
-        def __init__(self, tau: float = 0.7):
-            self.tau = tau
+        tau: float = 0.7
         def init(self, problem, z0):
             return {"z": z0, "fz": problem.F(z0)}
         def step(self, problem, state, k, active):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from implicit_core import GradientEstimator, get_solver
@@ -10,6 +11,7 @@ from implicit_core.plugin import LowRankInverse
 from implicit_core.plugin import check_positive_int
 
 
+@dataclass(eq=False)
 class BroydenReuse(GradientEstimator):
     """``u = -H^T g``; optionally ``steps`` further Broyden iterations on the adjoint system.
 
@@ -26,9 +28,12 @@ class BroydenReuse(GradientEstimator):
     name = "broyden_reuse"
     requires_inverse = True
 
-    def __init__(self, steps: int = 1, m: int = 10):
-        self.steps = check_positive_int("broyden_reuse", "steps", steps, minimum=0)
-        self.m = check_positive_int("broyden_reuse", "m", m)
+    steps: int = 1
+    m: int = 10
+
+    def __post_init__(self) -> None:
+        self.steps = check_positive_int("broyden_reuse", "steps", self.steps, minimum=0)
+        self.m = check_positive_int("broyden_reuse", "m", self.m)
 
     @property
     def uses_jacobian(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from implicit_core import GradientEstimator, get_solver
@@ -10,6 +11,7 @@ from implicit_core.plugin import check_choice, check_positive_int, check_range
 from ._solver_option import resolve_solver
 
 
+@dataclass(eq=False)
 class IFT(GradientEstimator):
     """Exact implicit gradient: ``u`` solves ``u = g + J^T u``, i.e. ``(I - J^T) u = g``.
 
@@ -27,13 +29,19 @@ class IFT(GradientEstimator):
 
     name = "ift"
 
-    def __init__(self, solver: Any = None, tol: float | None = None, max_iter: int | None = None,
-                 stop_mode: str = "rel"):
-        self.solver = solver
-        self._solver = None if solver is None else resolve_solver("ift", solver)
-        self.tol = None if tol is None else check_range("ift", "tol", tol, 0.0, float("inf"), low_open=True)
-        self.max_iter = None if max_iter is None else check_positive_int("ift", "max_iter", max_iter)
-        self.stop_mode = check_choice("ift", "stop_mode", stop_mode, ("abs", "rel"))
+    solver: Any = None
+    tol: float | None = None
+    max_iter: int | None = None
+    stop_mode: str = "rel"
+    _solver: Any = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._solver = None if self.solver is None else resolve_solver("ift", self.solver)
+        if self.tol is not None:
+            self.tol = check_range("ift", "tol", self.tol, 0.0, float("inf"), low_open=True)
+        if self.max_iter is not None:
+            self.max_iter = check_positive_int("ift", "max_iter", self.max_iter)
+        self.stop_mode = check_choice("ift", "stop_mode", self.stop_mode, ("abs", "rel"))
 
     def estimate(self, ctx) -> Any:
         solver = self._solver or get_solver("broyden" if ctx.problem.form == "root" else "anderson")

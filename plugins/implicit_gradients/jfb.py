@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from implicit_core import GradientEstimator
 
 
+@dataclass(eq=False)
 class JFB(GradientEstimator):
     """``u = g``: the Neumann series ``sum_k (J^T)^k g`` cut after its first term.
 
@@ -15,9 +17,6 @@ class JFB(GradientEstimator):
     """
 
     name = "jfb"
-
-    def __init__(self):
-        pass
 
     @property
     def uses_jacobian(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from implicit_core import GradientEstimator
@@ -11,6 +12,7 @@ from implicit_core.plugin import check_positive_int, check_range
 from ._solver_option import resolve_solver
 
 
+@dataclass(eq=False)
 class SHINE(GradientEstimator):
     """``u = -H^T g`` with ``H ≈ (J - I)^-1`` from the forward solver: two thin products.
 
@@ -33,11 +35,16 @@ class SHINE(GradientEstimator):
     name = "shine"
     requires_inverse = True
 
-    def __init__(self, fallback: float | None = None, refine: int = 0, refine_solver: Any = "fixed_point"):
-        self.fallback = None if fallback is None else check_range("shine", "fallback", fallback, 0.0, float("inf"), low_open=True)
-        self.refine = check_positive_int("shine", "refine", refine, minimum=0)
-        self.refine_solver = refine_solver
-        self._refine_solver = resolve_solver("shine", refine_solver)
+    fallback: float | None = None
+    refine: int = 0
+    refine_solver: Any = "fixed_point"
+    _refine_solver: Any = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.fallback is not None:
+            self.fallback = check_range("shine", "fallback", self.fallback, 0.0, float("inf"), low_open=True)
+        self.refine = check_positive_int("shine", "refine", self.refine, minimum=0)
+        self._refine_solver = resolve_solver("shine", self.refine_solver)
 
     @property
     def uses_jacobian(self) -> bool:

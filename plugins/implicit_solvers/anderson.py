@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from implicit_core import Solver
@@ -9,6 +10,7 @@ from implicit_core.plugin import bdot, finite_rows, solve_small
 from implicit_core.plugin import check_positive_int, check_range, write_row
 
 
+@dataclass(eq=False)
 class Anderson(Solver):
     """Anderson acceleration, type II.
 
@@ -34,10 +36,14 @@ class Anderson(Solver):
     name = "anderson"
     row_masked = ("F", "G", "GG")
 
-    def __init__(self, m: int = 5, lam: float = 1e-4, beta: float = 1.0):
-        self.m = check_positive_int("anderson", "m", m)
-        self.lam = check_range("anderson", "lam", lam, 0.0, 1.0)
-        self.beta = check_range("anderson", "beta", beta, 0.0, 1.0, low_open=True)
+    m: int = 5
+    lam: float = 1e-4
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.m = check_positive_int("anderson", "m", self.m)
+        self.lam = check_range("anderson", "lam", self.lam, 0.0, 1.0)
+        self.beta = check_range("anderson", "beta", self.beta, 0.0, 1.0, low_open=True)
 
     def init(self, problem, z0) -> dict[str, Any]:
         xp, be = problem.xp, problem.backend

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from implicit_core import Solver
@@ -13,6 +14,7 @@ from implicit_core.plugin import check_choice, check_positive_int, check_range, 
 UPDATES = ("auto", "good", "adjoint")
 
 
+@dataclass(eq=False)
 class Broyden(Solver):
     """Quasi-Newton root finding with ``H ≈ (dg/dz)^-1 = (J - I)^-1`` kept as ``s I + U^T V``.
 
@@ -61,32 +63,28 @@ class Broyden(Solver):
     provides_inverse = True
     row_masked = ("U", "V")
 
-    def __init__(
-        self,
-        m: int = 30,
-        step_size: float = 1.0,
-        update: str = "auto",
-        opa: Callable[[Any], Any] | None = None,
-        opa_freq: int = 5,
-        initial_inverse: LowRankInverse | None = None,
-        scale_initial: bool = True,
-        max_growth: float | None = 4.0,
-    ):
-        self.m = check_positive_int("broyden", "m", m)
-        self.step_size = check_range("broyden", "step_size", step_size, 0.0, 1.0, low_open=True)
-        self.update = check_choice("broyden", "update", update, UPDATES)
-        if opa is not None and not callable(opa):
+    m: int = 30
+    step_size: float = 1.0
+    update: str = "auto"
+    opa: Callable[[Any], Any] | None = None
+    opa_freq: int = 5
+    initial_inverse: LowRankInverse | None = None
+    scale_initial: bool = True
+    max_growth: float | None = 4.0
+
+    def __post_init__(self) -> None:
+        self.m = check_positive_int("broyden", "m", self.m)
+        self.step_size = check_range("broyden", "step_size", self.step_size, 0.0, 1.0, low_open=True)
+        self.update = check_choice("broyden", "update", self.update, UPDATES)
+        if self.opa is not None and not callable(self.opa):
             raise ConfigurationError("broyden: opa must be a callable z -> dL/dz, or None")
-        self.opa = opa
-        self.opa_freq = check_positive_int("broyden", "opa_freq", opa_freq)
-        if initial_inverse is not None and not isinstance(initial_inverse, LowRankInverse):
+        self.opa_freq = check_positive_int("broyden", "opa_freq", self.opa_freq)
+        if self.initial_inverse is not None and not isinstance(self.initial_inverse, LowRankInverse):
             raise ConfigurationError("broyden: initial_inverse must be a LowRankInverse")
-        self.initial_inverse = initial_inverse
-        if not isinstance(scale_initial, bool):
-            raise ConfigurationError(f"broyden: scale_initial must be True or False, got {scale_initial!r}")
-        self.scale_initial = scale_initial
-        self.max_growth = None if max_growth is None else check_range(
-            "broyden", "max_growth", max_growth, 1.0, float("inf"), low_open=True)
+        if not isinstance(self.scale_initial, bool):
+            raise ConfigurationError(f"broyden: scale_initial must be True or False, got {self.scale_initial!r}")
+        if self.max_growth is not None:
+            self.max_growth = check_range("broyden", "max_growth", self.max_growth, 1.0, float("inf"), low_open=True)
 
     # ----------------------------------------------------------------- helpers
     def _slots(self, state: dict[str, Any]) -> int:

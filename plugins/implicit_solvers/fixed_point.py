@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from implicit_core import Solver
 from implicit_core.plugin import check_range
 
 
+@dataclass(eq=False)
 class FixedPointIteration(Solver):
     """Damped fixed-point iteration. Converges for contractive ``F`` (rate ``||J||`` at ``tau=1``).
 
@@ -17,8 +19,10 @@ class FixedPointIteration(Solver):
 
     name = "fixed_point"
 
-    def __init__(self, tau: float = 1.0):
-        self.tau = check_range("fixed_point", "tau", tau, 0.0, 1.0, low_open=True)
+    tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.tau = check_range("fixed_point", "tau", self.tau, 0.0, 1.0, low_open=True)
 
     def init(self, problem, z0) -> dict[str, Any]:
         return {"z": z0, "fz": problem.F(z0)}

@@ -145,7 +145,7 @@ def test_phantom_is_the_gradient_of_k_damped_steps_unrolled_from_the_solution(k,
     cell = Cell()
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     z, _ = ic.fixed_point(cell, torch.zeros(4, 6, dtype=torch.float64), x, tol=1e-13, max_iter=300,
-                          gradient=ic.get_gradient("phantom", k=k, lam=lam))
+                          gradient=ic.get_gradient("phantom", k=k, damping=lam))
     ours = torch.autograd.grad((z**2).sum(), [cell.lin.weight, x])
     u = z.detach()
     for _ in range(k):

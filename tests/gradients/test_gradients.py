@@ -106,7 +106,7 @@ def test_linear_phantom_is_geng_et_al_formula(be, k):
     for lam in (1.0, 0.6):
         M = lam * A + (1 - lam) * np.eye(n)  # rows: u @ M = (lam Aᵀ + (1 - lam) I) u
         expected = lam * sum(g @ np.linalg.matrix_power(M, t) for t in range(k))
-        _, _, (_, gb) = solve_grad(case, w, gradient=ic.get_gradient("phantom", k=k, lam=lam))
+        _, _, (_, gb) = solve_grad(case, w, gradient=ic.get_gradient("phantom", k=k, damping=lam))
         np.testing.assert_allclose(host(be, gb), expected, atol=1e-12)
     if k == 1:  # k = 1, lam = 1 is JFB
         _, _, (_, gb_jfb) = solve_grad(case, w, gradient="jfb")

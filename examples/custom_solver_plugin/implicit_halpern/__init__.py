@@ -10,20 +10,23 @@ class (Halpern, 1967; Lieder, 2021).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import implicit_core
 
 
+@dataclass(eq=False)
 class Halpern(implicit_core.Solver):
     """Anchored fixed-point iteration; ``anchor_decay`` scales ``β_k = anchor_decay / (k + 2)``."""
 
     name = "halpern"
 
-    def __init__(self, anchor_decay: float = 1.0) -> None:
-        if not 0.0 < anchor_decay <= 1.0:
-            raise implicit_core.ConfigurationError(f"halpern: anchor_decay must be in (0, 1], got {anchor_decay!r}")
-        self.anchor_decay = anchor_decay
+    anchor_decay: float = 1.0  # the solver's options are its dataclass fields
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.anchor_decay <= 1.0:
+            raise implicit_core.ConfigurationError(f"halpern: anchor_decay must be in (0, 1], got {self.anchor_decay!r}")
 
     def init(self, problem: implicit_core.Problem, z0: Any) -> dict[str, Any]:
         return {"z": z0, "fz": problem.F(z0), "anchor": z0}
