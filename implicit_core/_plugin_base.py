@@ -82,7 +82,7 @@ class Solver(_Configurable, abc.ABC):
 
     The state is a dict of arrays whose first axis is the batch; it must contain ``"z"``
     (the current iterate) and ``"fz"`` (``F(z)``, so that each step costs one evaluation).
-    The core loop measures residuals, freezes converged samples, keeps the best iterate and
+    The core loop measures residuals, freezes converged samples' results, keeps the best iterate and
     decides when to stop, identically for every solver.
     """
 

@@ -184,18 +184,21 @@ class Broyden(Solver):
         g_new = fz_new - z_new
         Hg_new = H.matvec(g_new)
         if self.scale_initial and self.initial_inverse is None:
-            # Before the first update H = s I exactly: refit s to the first secant pair.
-            dg = g_new - g
-            gamma, ok = safe_divide(xp, bdot(xp, dz, dg), bdot(xp, dg, dg), problem.eps)
-            delta = xp.where(ok & (k == 0), gamma - state["scale"], 0.0)
-            state["scale"] = state["scale"] + delta
-            Hgz = Hgz + delta[:, None] * g  # H' = H + delta I
-            Hg_new = Hg_new + delta[:, None] * g_new
+            # Before the first update H = s I exactly: refit s to the first secant pair (at the
+            # first step only: through the backend's conditional, so later steps skip the passes).
+            def refit():
+                dg = g_new - g
+                gamma, ok = safe_divide(xp, bdot(xp, dz, dg), bdot(xp, dg, dg), problem.eps)
+                delta = xp.where(ok, gamma - state["scale"], 0.0)
+                # H' = H + delta I
+                return state["scale"] + delta, Hgz + delta[:, None] * g, Hg_new + delta[:, None] * g_new
+
+            state["scale"], Hgz, Hg_new = be.cond(k == 0, refit, lambda: (state["scale"], Hgz, Hg_new))
             H = LowRankInverse(H.U, H.V, xp, state["scale"], H.base)
         if not adjoint:
             Hdg = Hg_new - Hgz  # linearity saves a pass over the buffers
             u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
-            v = xp.where(ok[:, None], H.rmatvec(dz), 0.0)
+            v = H.rmatvec(dz)  # finite (z is); where u is zero the term vanishes
         else:
             u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new, JT=JT)
         self._write(problem, state, written, u, v, active)
@@ -206,9 +209,10 @@ class Broyden(Solver):
             # (A non-finite one is taken: the loop stops that sample and reports it.)
             norm_new = bnorm(xp, g_new)
             grown = (norm_new > self.max_growth * bnorm(xp, g)) & (norm_new < float("inf"))
-            z_new = xp.where(grown[:, None], z, z_new)
-            fz_new = xp.where(grown[:, None], fz, fz_new)
-            Hg_next = xp.where(grown[:, None], Hgz + u * bdot(xp, v, g)[:, None], Hg_next)
+            if not be.all_on_host(~grown):  # (eager CPU: skip three passes when no step grew)
+                z_new = xp.where(grown[:, None], z, z_new)
+                fz_new = xp.where(grown[:, None], fz, fz_new)
+                Hg_next = xp.where(grown[:, None], Hgz + u * bdot(xp, v, g)[:, None], Hg_next)
         state.update(z=z_new, fz=fz_new, Hg=Hg_next, count=state["count"] * 0 + (written + 1))
         return state
 
