@@ -90,9 +90,9 @@ def solve(
     scale = xp.where(finite, xp.maximum(res, xp.full_like(res, tol)), xp.full_like(res, tol))
     carry: dict[str, Any] = {
         "state": state,
-        # The step counter is a Python int on eager backends: solvers index their histories
-        # with it, and a device scalar would cost a host sync at every such index.
-        "k": xp.asarray(0, dtype=int_dtype, device=backend.device(res)) if backend.traced else 0,
+        # One counter type on every backend: a 0-d integer array beside the state (a traced
+        # loop needs an array; the same type everywhere spares solvers an eager/traced branch).
+        "k": xp.asarray(0, dtype=int_dtype, device=backend.device(res)),
         "status": status,
         "steps": xp.zeros_like(status),
         "best_z": state["z"],

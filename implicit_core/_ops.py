@@ -54,12 +54,21 @@ def finite_rows(xp: Any, a: Any) -> Any:
 
 
 def solve_small(xp: Any, A: Any, b: Any) -> Any:
-    """Batched ``A x = b`` for small systems; NaN where the library refuses a singular system.
+    """Batched ``A x = b`` for small systems, per sample: NaN rows where a system is singular.
 
     NumPy and torch raise on an exactly singular matrix anywhere in the batch, JAX returns
-    non-finite values: both end up as non-finite rows that the caller replaces per sample.
+    non-finite values for that sample. Either way only the singular samples get non-finite
+    rows (which the caller replaces per sample): after a refusal, the batch is solved again
+    one sample at a time (eager backends only, and only on that rare path).
     """
     try:
         return xp.linalg.solve(A, b)
     except Exception:  # numpy.linalg.LinAlgError, torch.linalg.LinAlgError, ...
-        return xp.full_like(b, float("nan"))
+        pass
+    rows = []
+    for i in range(int(A.shape[0])):
+        try:
+            rows.append(xp.linalg.solve(A[i : i + 1], b[i : i + 1]))
+        except Exception:
+            rows.append(xp.full_like(b[i : i + 1], float("nan")))
+    return xp.concat(rows, axis=0)

@@ -88,9 +88,10 @@ class Solver(_Configurable, abc.ABC):
 
     #: True when :meth:`inverse_jacobian` returns a usable estimate (SHINE, Broyden reuse).
     provides_inverse: ClassVar[bool] = False
-    #: State entries the solver writes only through :func:`write_row` (rows of active samples
-    #: only): the loop does not mask them again. On functional backends (JAX), where every
-    #: update is a new array, this saves a ``where`` over whole histories per step.
+    #: State entries the solver writes only through :func:`write_row` (an optimisation hint,
+    #: not needed for correctness): when a step makes a sample non-finite, the loop masks its
+    #: rows back everywhere else. On functional backends (JAX), where that mask cannot be
+    #: skipped at run time, naming the histories here saves a ``where`` over them per step.
     row_masked: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
@@ -101,12 +102,19 @@ class Solver(_Configurable, abc.ABC):
     def step(self, problem: "Problem", state: dict[str, Any], k: Any, active: Any) -> dict[str, Any]:
         """One iteration.
 
-        ``k`` is the number of steps taken so far (0-based, the same for every sample): a
-        Python int on eager backends, an integer array on traced ones (write arithmetic on it
-        that works for both: ``k % m``, ``(k > 0) * x``);
-        ``active`` the ``(batch,)`` mask of samples still iterating. Buffers that a backend
-        updates in place (histories) must only change for active samples: write with
-        :func:`write_row`.
+        ``k`` is the number of steps taken so far (0-based, the same for every sample): a 0-d
+        ``int32`` array of the problem's namespace on every backend, traced under ``jit``. Use
+        it in array arithmetic (``k % m``, ``slots < k + 1``, as an index for
+        :func:`write_row`), never in Python control flow (``if k == 0``: use
+        ``problem.backend.cond``); cast it before mixing it with the state
+        (``xp.astype(k, z.dtype)``), or NumPy promotes a ``float32`` state to ``float64``.
+        ``active`` is the ``(batch,)`` mask of samples still iterating.
+
+        Histories (buffers with a slot per step) are written with :func:`write_row`, which
+        changes only the rows of active samples, so an inverse estimate read after the solve
+        is the one each sample had when it stopped; :func:`history_columns` reads the slots
+        written so far. A stopped sample's other rows may go on changing: the loop keeps its
+        result, and masks back only a step that made a sample non-finite.
         """
 
     def inverse_jacobian(self, problem: "Problem", state: dict[str, Any]) -> "InverseJacobian":
@@ -170,7 +178,7 @@ def check_choice(owner: str, key: str, value: Any, choices: tuple[str, ...]) -> 
 
 def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: Any, axis: int = 1) -> Any:
     """``buffer[:, slot] = value`` (``slot`` on ``axis``) for active samples only, in place where
-    the backend allows."""
+    the backend allows; ``slot`` is an int or a 0-d integer array (e.g. ``k % m``)."""
     xp = problem.xp
     index = (slice(None),) * axis + (slot,)
     if problem.backend.all_on_host(active):
@@ -245,3 +253,24 @@ def check_like(plugin: Any, what: str, value: Any, like: Any) -> Any:
 def _describe(plugin: Any) -> str:
     kind = "solver" if isinstance(plugin, Solver) else "gradient estimator"
     return f"{kind} {getattr(plugin, 'name', '?')!r} ({type(plugin).__module__}.{type(plugin).__qualname__})"
+
+
+def history_columns(problem: "Problem", buffer: Any, count: Any, copy: bool = False) -> Any:
+    """The slots ``[:, :count]`` of a ``(batch, m, ...)`` history that have been written.
+
+    Where shapes may vary (eager backends) the buffer is sliced, so products with it cost
+    what was written rather than all ``m`` slots; under a trace (fixed shapes) the whole
+    buffer is returned, whose unwritten slots must therefore be zeros. ``count`` is an int or
+    an integer array (its largest entry is used); ``copy=True`` copies a slice so that the
+    full buffer can be freed (for an estimate kept until the backward pass).
+    """
+    if problem.backend.traced:
+        return buffer
+    xp = problem.xp
+    if not isinstance(count, int):
+        count = int(xp.max(count)) if getattr(count, "ndim", 0) else int(count)
+    m = int(buffer.shape[1])
+    if count >= m:
+        return buffer
+    part = buffer[:, : max(count, 0)]
+    return xp.asarray(part, copy=True) if copy else part

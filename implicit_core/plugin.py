@@ -16,7 +16,7 @@ Contents:
   :class:`LowRankInverse`;
 * batched helpers written with ``xp`` only: :func:`bdot`, :func:`bnorm`, :func:`safe_divide`,
   :func:`finite_rows`, :func:`solve_small`, :func:`expand_mask`, :func:`select`,
-  :func:`write_row`;
+  :func:`write_row`, :func:`history_columns`;
 * option validators that raise :class:`ConfigurationError` with the plugin's name:
   :func:`check_positive_int`, :func:`check_range`, :func:`check_choice`;
 * the hook markers :data:`hookimpl` / :data:`hookspec`.
@@ -31,7 +31,9 @@ from ._gradient_context import BackwardContext
 from ._linear import InverseJacobian, LowRankInverse
 from ._loop import SolveResult
 from ._ops import bdot, bnorm, expand_mask, finite_rows, safe_divide, select, solve_small
-from ._plugin_base import GradientEstimator, Solver, check_choice, check_positive_int, check_range, write_row
+from ._plugin_base import (
+    GradientEstimator, Solver, check_choice, check_positive_int, check_range, history_columns, write_row,
+)
 from ._problem import Problem
 from .hookspecs import hookimpl, hookspec
 
@@ -39,7 +41,7 @@ __all__ = [
     "Backend", "ExplicitVJPBackend", "Solver", "GradientEstimator",
     "Problem", "BackwardContext", "SolveResult",
     "InverseJacobian", "LowRankInverse",
-    "bdot", "bnorm", "safe_divide", "finite_rows", "solve_small", "expand_mask", "select", "write_row",
+    "bdot", "bnorm", "safe_divide", "finite_rows", "solve_small", "expand_mask", "select", "write_row", "history_columns",
     "check_positive_int", "check_range", "check_choice",
     "ConfigurationError", "PluginError", "hookimpl", "hookspec",
 ]

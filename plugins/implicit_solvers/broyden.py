@@ -9,7 +9,7 @@ from implicit_core import Solver
 from implicit_core.plugin import ConfigurationError
 from implicit_core.plugin import LowRankInverse
 from implicit_core.plugin import bdot, bnorm, safe_divide
-from implicit_core.plugin import check_choice, check_positive_int, check_range, write_row
+from implicit_core.plugin import check_choice, check_positive_int, check_range, history_columns, write_row
 
 UPDATES = ("auto", "good", "adjoint")
 
@@ -102,11 +102,8 @@ class Broyden(Solver):
         return (k > 0) & (k % self.opa_freq == 0)
 
     def _current(self, problem, state, written) -> LowRankInverse:
-        """``H`` before this step's update; eager backends skip the columns not yet written."""
-        U, V = state["U"], state["V"]
-        if not problem.backend.traced:
-            cols = min(int(written), self._slots(state))
-            U, V = U[:, :cols], V[:, :cols]
+        """``H`` before this step's update, over the columns written so far."""
+        U, V = (history_columns(problem, state[key], written) for key in ("U", "V"))
         return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)
 
     def _write(self, problem, state, index, u, v, active):
@@ -155,7 +152,7 @@ class Broyden(Solver):
         written = k  # rank-one terms written before this step: one per step, plus OPA's
         if self.opa is not None:
             fires = self._opa_fires(k)
-            written = k + ((k - 1) // self.opa_freq) * (k > 0)  # k: a Python int or a traced array
+            written = k + ((k - 1) // self.opa_freq) * (k > 0)
 
             def opa_update():
                 H = self._current(problem, state, written)
@@ -217,11 +214,7 @@ class Broyden(Solver):
         return state
 
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
-        U, V = state["U"], state["V"]
-        if not problem.backend.traced:
-            # Only the columns some sample wrote, copied: the backward then keeps those alive
-            # rather than the whole (batch, m, n) buffers.
-            cols = min(int(problem.xp.max(state["count"])), self._slots(state))
-            if cols < self._slots(state):
-                U, V = (problem.xp.asarray(x[:, :cols], copy=True) for x in (U, V))
+        # Only the columns some sample wrote, copied: the backward then keeps those alive
+        # rather than the whole (batch, m, n) buffers.
+        U, V = (history_columns(problem, state[key], state["count"], copy=True) for key in ("U", "V"))
         return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)

@@ -130,6 +130,36 @@ def test_anderson_singular_least_squares_does_not_crash(be):
     assert case_host(be, info.converged).all()
 
 
+def test_a_singular_small_system_fails_only_its_own_sample(be):
+    """``solve_small``: one exactly singular matrix in the batch gives NaN for that sample only."""
+    from implicit_core.plugin import solve_small
+
+    xp = be.xp
+    A = np.stack([np.eye(3) * 2.0, np.zeros((3, 3)), [[4.0, 1, 0], [1, 3, 0], [0, 0, 1]]])
+    b = np.ones((3, 3, 1))
+    x = case_host(be, solve_small(xp, xp.asarray(A), xp.asarray(b)))
+    np.testing.assert_allclose(x[0], np.linalg.solve(A[0], b[0]), rtol=1e-12)
+    np.testing.assert_allclose(x[2], np.linalg.solve(A[2], b[2]), rtol=1e-12)
+    assert not np.isfinite(x[1]).all()
+
+
+def test_history_columns_cost_what_was_written(be):
+    """Eager backends slice the written slots; a traced loop keeps the whole (zero-padded) buffer."""
+    from types import SimpleNamespace
+
+    from implicit_core.plugin import history_columns
+
+    xp = be.xp
+    buffer = xp.asarray(np.arange(2 * 5 * 3, dtype=np.float64).reshape(2, 5, 3))
+    problem = SimpleNamespace(backend=be, xp=xp)  # what history_columns reads of a Problem
+    count = xp.asarray(np.array([1, 3], dtype=np.int32))
+    part = history_columns(problem, buffer, count, copy=True)
+    expected = 5 if be.traced else 3
+    assert tuple(part.shape) == (2, expected, 3)
+    np.testing.assert_array_equal(case_host(be, part), np.arange(30.0).reshape(2, 5, 3)[:, :expected])
+    assert tuple(history_columns(problem, buffer, 9).shape) == (2, 5, 3)
+
+
 def test_best_iterate_is_returned(be):
     """A map that overshoots after converging: the returned point is the lowest-residual one."""
     case = tanh_case(be, batch=2)

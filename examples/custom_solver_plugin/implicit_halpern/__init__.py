@@ -32,7 +32,7 @@ class Halpern(implicit_core.Solver):
         return {"z": z0, "fz": problem.F(z0), "anchor": z0}
 
     def step(self, problem: implicit_core.Problem, state: dict[str, Any], k: Any, active: Any) -> dict[str, Any]:
-        beta = self.anchor_decay / (k + 2)  # k is an int when eager, a traced integer under jit
+        beta = self.anchor_decay / (problem.xp.astype(k, state["z"].dtype) + 2)  # k: a 0-d int array
         z = beta * state["anchor"] + (1 - beta) * state["fz"]
         return {"z": z, "fz": problem.F(z), "anchor": state["anchor"]}
 
