@@ -12,24 +12,14 @@ import sys
 
 import numpy as np
 
+from implicit_core.testing import reference_work
+
 N, BATCH, TOL, MAX_ITER = 256, 512, 1e-4, 40
 
 
 def reference_arrays(n: int = N, batch: int = BATCH, seed: int = 0) -> dict[str, np.ndarray]:
     """``X`` (batch, 64), ``W`` (n, n), ``U`` (n, 64), ``b`` (n,), and a loss weight ``w`` (batch, n)."""
-    rng = np.random.default_rng(seed)
-    try:
-        from sklearn.datasets import load_digits
-
-        X = load_digits().data[:batch] / 16.0
-    except ImportError:  # scikit-learn is only needed for the real features
-        X = rng.random((batch, 64))
-    W = rng.standard_normal((n, n))
-    W *= 0.9 / np.linalg.norm(W, 2)
-    U = rng.standard_normal((n, X.shape[1])) / np.sqrt(X.shape[1])
-    b = 0.1 * rng.standard_normal(n)
-    w = np.random.default_rng(seed + 1).standard_normal((batch, n))
-    return {"X": X, "W": W, "U": U, "b": b, "w": w}
+    return reference_work(n=n, batch=batch, seed=seed)
 
 
 def report(title: str, table: str, markdown: str | None) -> None:

@@ -60,10 +60,6 @@ class Backend(abc.ABC):
                 return False, f"{module} is not installed{hint}"
         return True, ""
 
-    def imported(self) -> bool:
-        """Whether the required modules are imported already (then :meth:`available` is cheap)."""
-        return all(module in sys.modules for module in self.requires)
-
     def available(self) -> tuple[bool, str]:
         """``(True, "")`` when usable here, else ``(False, reason)``.
 
@@ -259,10 +255,6 @@ class Backend(abc.ABC):
         from ._info import report
 
         report(info, on_fail, stage)
-
-    def is_concrete(self, x: Any) -> bool:
-        """False for placeholders of a trace (JAX tracers), whose values are unknown here."""
-        return True
 
     def accepts(self, x: Any) -> bool:
         """Whether an array of another library may appear in ``args`` (JAX takes NumPy arrays)."""

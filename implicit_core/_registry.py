@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 import threading
 import unicodedata
 import warnings
@@ -366,7 +367,8 @@ class Registry:
 def _backend_status(backend: Backend, check: bool) -> tuple[bool, str, bool]:
     """``(ok, reason, checked)``: probed when asked or when its framework is imported already,
     otherwise only looked up on disk (importing torch, JAX and CuPy to list them takes seconds)."""
-    if check or backend.imported():
+    # (already imported: then available() is cheap)
+    if check or all(module in sys.modules for module in backend.requires):
         return (*_safe_available(backend), True)
     try:
         ok, reason = backend.installed()

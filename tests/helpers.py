@@ -8,13 +8,14 @@ from typing import Any, Callable
 import numpy as np
 
 import implicit_core as ic
+from implicit_core.cells import tanh_cell, tanh_cell_vjp
+from implicit_core.testing import tanh_problem
 
-#: Every backend the tests run on; a new backend is tested by adding it here.
-BACKENDS = ["numpy", "cupy", "torch", "jax"]
+#: Every registered backend (built in or installed as a plugin): the whole suite runs on each
+#: one that is usable here; the others are skipped with the reason. Listing does not import them.
+BACKENDS = [p.name for p in ic.plugins() if p.kind == "backend"]
 #: Backends whose gradients come from the user's VJP (``info.vjp``) rather than autodiff.
-EXPLICIT_VJP = {"numpy", "cupy"}
-#: Backends whose tests read gradients from ``info.vjp`` (JAX's re-runs the solve under jax.vjp).
-VJP_FROM_INFO = EXPLICIT_VJP | {"jax"}
+EXPLICIT_VJP = {name for name in BACKENDS if ic.get_backend(name).explicit_vjp}
 SOLVERS = ["fixed_point", "anderson", "broyden"]
 GRADIENTS = ["ift", "jfb", "phantom", "shine", "broyden_reuse"]
 
@@ -60,9 +61,9 @@ def prepare_arg(be, a):
 
 
 def gradient_of(be, z, info, w, args):
-    if be.name in VJP_FROM_INFO:
+    if info.vjp is not None:  # explicit-VJP backends, and JAX (which re-runs the solve under jax.vjp)
         return info.vjp(w)
-    if be.name == "torch":
+    if be.name == "torch":  # gradients through the framework's own autograd
         import torch
 
         pairs = zip(z, w) if isinstance(z, tuple) else [(z, w)]
@@ -71,25 +72,10 @@ def gradient_of(be, z, info, w, args):
 
 
 def tanh_case(be, *, batch=5, n=8, norm=0.8, dtype="float64", seed=0, input_scale=1.0) -> Case:
-    """``f(z) = tanh(z W^T + c)`` with ``||W||_2 = norm``: contractive for ``norm < 1``."""
-    xp = be.xp
-    rng = np.random.default_rng(seed)
-    W = rng.standard_normal((n, n))
-    W *= norm / np.linalg.norm(W, 2)
-    c = input_scale * rng.standard_normal((batch, n))
-    W, c = (xp.asarray(a.astype(dtype)) for a in (W, c))
-
-    def f(z, args):
-        W, c = args
-        return xp.tanh(z @ W.T + c)
-
-    def vjp(z, args, v):
-        W, c = args
-        y = xp.tanh(z @ W.T + c)
-        s = v * (1 - y * y)
-        return s @ W, (s.T @ z, s)
-
-    return Case(f, vjp, (W, c), xp.zeros((batch, n), dtype=W.dtype), be)
+    """The shared tanh problem (:func:`implicit_core.testing.tanh_problem`) on backend ``be``."""
+    p = tanh_problem(batch=batch, n=n, norm=norm, seed=seed, input_scale=input_scale)
+    W, c = (be.xp.asarray(a.astype(dtype)) for a in p.args)
+    return Case(tanh_cell, tanh_cell_vjp, (W, c), be.xp.zeros((batch, n), dtype=W.dtype), be)
 
 
 def linear_case(be, *, batch=4, n=6, norm=0.7, seed=0) -> Case:
