@@ -60,11 +60,11 @@ def demo_table() -> str:
 
 def digits_table() -> str:
     from implicit_core import available_backends
-    from implicit_demo.bench import run_bench, to_markdown
+    from implicit_demo.compare import run_comparison, to_markdown
 
     backends = [b for b in ("torch", "jax", "numpy") if b in available_backends()]
-    rows = run_bench(backends, out=IMAGES, show_progress=False, echo=lambda *_: None)
-    for name in ("bench.csv", "bench.md"):
+    rows = run_comparison(backends, out=IMAGES, show_progress=False, echo=lambda *_: None)
+    for name in ("compare.csv", "compare.md"):
         (IMAGES / name).unlink(missing_ok=True)
     return to_markdown(rows)
 
@@ -76,7 +76,7 @@ def workload_table(name: str) -> str:
     run_workload(name, ("ift", "jfb", "phantom", "shine", "broyden_reuse"), out=IMAGES, show_progress=False,
                  echo=captured.append)
     for suffix in (".csv", ".md"):
-        (IMAGES / f"bench_{name}{suffix}").unlink(missing_ok=True)
+        (IMAGES / f"compare_{name}{suffix}").unlink(missing_ok=True)
     return "\n".join(text for text in captured if not text.startswith("\nwritten")).strip()
 
 

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-# The problem, its hand-written VJP and the outer loop are shared with `implicit-core bench
+# The problem, its hand-written VJP and the outer loop are shared with `implicit-core compare
 # --workload hyperparameter` (which tunes one penalty per feature instead of one in all).
 from implicit_demo.workloads.hyperparameter import optimise
 

@@ -1,4 +1,4 @@
-"""``implicit-core demo`` and ``implicit-core bench``: commands added through the plugin hook.
+"""``implicit-core demo`` and ``implicit-core compare``: commands added through the plugin hook.
 
 The core's command line knows only ``plugins``; this module registers the demo's commands
 through ``implicit_core_commands`` (an entry point of the ``implicit_core`` group), the way any
@@ -8,6 +8,7 @@ distribution adds its own.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 import implicit_core as ic
@@ -58,8 +59,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bench_command(args: argparse.Namespace) -> int:
-    from .bench import GRADIENTS, run_bench
+def run_compare_command(args: argparse.Namespace) -> int:
+    from .compare import GRADIENTS, run_comparison
 
     _threads(args)
     gradients = args.gradients.split(",") if args.gradients else list(GRADIENTS)
@@ -76,8 +77,16 @@ def run_bench_command(args: argparse.Namespace) -> int:
     config = _demo_config(args, solver=args.solver or "broyden")
     for gradient in gradients:
         ic.resolve_plugins(config.solver, gradient)
-    run_bench(backends, gradients, config, out=args.out, show_progress=not args.quiet)
+    run_comparison(backends, gradients, config, out=args.out, show_progress=not args.quiet)
     return 0
+
+
+def run_bench_alias(args: argparse.Namespace) -> int:
+    """``implicit-core bench``: the old name of ``compare`` (benchmarks against other tools are
+    the scripts in ``benchmarks/``)."""
+    print("implicit-core: 'bench' is now called 'compare'; 'bench' will be removed in the next release",
+          file=sys.stderr)
+    return run_compare_command(args)
 
 
 def _training_options(p: argparse.ArgumentParser, epochs_help: str) -> None:
@@ -98,7 +107,7 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="implicit-core-demo", help="folder for the JSON summary and the PNG")
 
 
-def bench_arguments(p: argparse.ArgumentParser) -> None:
+def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="digits", choices=WORKLOADS,
                    help="digits: the demo's MLP DEQ on every backend; mdeq: multiscale conv DEQ (torch); "
                         "transformer: character-level transformer DEQ (torch); hyperparameter: bi-level "
@@ -106,7 +115,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", help="comma-separated (default: every available backend; digits only)")
     p.add_argument("--gradients", help="comma-separated (default: ift,jfb,phantom,shine,broyden_reuse)")
     _training_options(p, "training epochs per run (default: 12 for digits, the workload's own otherwise)")
-    p.add_argument("--out", default="implicit-core-bench", help="folder for the CSV, Markdown and PNG files")
+    p.add_argument("--out", default="implicit-core-compare", help="folder for the CSV, Markdown and PNG files")
     p.set_defaults(gradient=None)
 
 
@@ -114,5 +123,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
 def implicit_core_commands(register):
     register("demo", run_demo_command, add_arguments=demo_arguments,
              help="train a DEQ classifier on scikit-learn's digits and plot its training curves")
-    register("bench", run_bench_command, add_arguments=bench_arguments,
+    register("compare", run_compare_command, add_arguments=compare_arguments,
              help="every gradient estimator on a DEQ workload (default: the digits DEQ on every backend)")
+    register("bench", run_bench_alias, add_arguments=compare_arguments,
+             help="deprecated name of 'compare' (kept for one release)")

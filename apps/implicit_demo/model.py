@@ -83,7 +83,7 @@ class Trainer(ABC):
 
     Subclasses hold the data on their device (moved once), the parameters and an optimiser
     (Adam), and implement a step, an evaluation, gradients under any estimator (for the
-    gradient-quality columns of ``bench``) and the peak memory of a training step.
+    gradient-quality columns of ``compare``) and the peak memory of a training step.
     """
 
     def __init__(self, config: DemoConfig, data: Digits) -> None:

@@ -1,4 +1,4 @@
-"""PNG figures for ``demo`` and ``bench`` (matplotlib, headless)."""
+"""PNG figures for ``demo`` and ``compare`` (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def training_curves(result: Any, path: pathlib.Path) -> pathlib.Path | None:
     return path
 
 
-def bench_figure(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> pathlib.Path | None:
+def comparison_figure(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> pathlib.Path | None:
     """Backward time vs test accuracy, and gradient cosine to exact IFT, per estimator × backend."""
     plt = _pyplot()
     if plt is None:

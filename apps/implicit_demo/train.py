@@ -1,4 +1,4 @@
-"""The training loop shared by ``demo`` and ``bench``: epochs, progress, history, summary."""
+"""The training loop shared by ``demo`` and ``compare``: epochs, progress, history, summary."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``implicit-core demo`` and ``bench``: they train, reach their accuracy, and write their files."""
+"""``implicit-core demo`` and ``compare``: they train, reach their accuracy, and write their files."""
 
 import csv
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from implicit_core.cli import main
-from implicit_demo.bench import GRADIENTS, run_bench
+from implicit_demo.compare import GRADIENTS, run_comparison
 from implicit_demo.data import batches, load_digits
 from implicit_demo.demo import run_demo
 from implicit_demo.model import DemoConfig
@@ -52,11 +52,11 @@ def test_every_backend_trains_the_same_model():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("gradients", [("ift", "jfb", "phantom"), ("shine", "broyden_reuse")], ids=["exact-and-unrolled", "inverse-reuse"])
-def test_bench_writes_a_row_per_estimator_and_backend(backend, gradients, tmp_path):
+def test_compare_writes_a_row_per_estimator_and_backend(backend, gradients, tmp_path):
     """One backend and a group of estimators per test: the parallel runner spreads them over the cores."""
-    rows = run_bench([backend], gradients, base=DemoConfig(solver="broyden", epochs=1), out=tmp_path,
+    rows = run_comparison([backend], gradients, base=DemoConfig(solver="broyden", epochs=1), out=tmp_path,
                      show_progress=False, echo=lambda *_: None)
-    with (tmp_path / "bench.csv").open() as fh:
+    with (tmp_path / "compare.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert [(r["backend"], r["gradient"]) for r in table] == [(backend, g) for g in gradients]
     assert len(rows) == len(gradients)
@@ -70,8 +70,8 @@ def test_bench_writes_a_row_per_estimator_and_backend(backend, gradients, tmp_pa
     else:  # the defaults read the adjoint-Broyden inverse estimate: close to exact
         assert by["shine"]["cosine_to_ift"] > 0.9
         assert by["broyden_reuse"]["cosine_to_ift"] > 0.95
-    assert f"| {backend} | {gradients[-1]} |" in (tmp_path / "bench.md").read_text()
-    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert f"| {backend} | {gradients[-1]} |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
@@ -89,8 +89,8 @@ def test_cli_demo_runs_and_writes_its_files(tmp_path, capsys):
         (["demo", "--backend", "numpy", "--gradient", "shin"], ["unknown gradient estimator 'shin'", "broyden_reuse, ift"]),
         (["demo", "--backend", "numpy", "--solver", "anders"], ["unknown solver", "Did you mean 'anderson'"]),
         (["demo", "--backend", "numpy", "--gradient", "shine"], ["solver 'anderson' keeps none", "broyden"]),
-        (["bench", "--backends", "numpy,tensorflow"], ["unknown backend 'tensorflow'", "numpy"]),
-        (["bench", "--gradients", "ift,jbf"], ["unknown gradient estimator 'jbf'", "Did you mean 'jfb'"]),
+        (["compare", "--backends", "numpy,tensorflow"], ["unknown backend 'tensorflow'", "numpy"]),
+        (["compare", "--gradients", "ift,jbf"], ["unknown gradient estimator 'jbf'", "Did you mean 'jfb'"]),
     ],
 )
 def test_cli_rejects_unknown_names_listing_the_available_ones(argv, expected, capsys):
@@ -99,6 +99,12 @@ def test_cli_rejects_unknown_names_listing_the_available_ones(argv, expected, ca
     assert err.count("\n") == 1  # one line, no traceback
     for text in expected:
         assert text in err
+
+
+def test_the_old_bench_command_still_runs_compare_and_says_so(capsys):
+    assert main(["bench", "--gradients", "ift,jbf"]) == 2
+    err = capsys.readouterr().err
+    assert "'bench' is now called 'compare'" in err and "unknown gradient estimator 'jbf'" in err
 
 
 def test_cli_reports_an_unavailable_backend(capsys):

@@ -1,4 +1,4 @@
-"""The bench's seed workloads run end to end (one short epoch each) and report what they measure."""
+"""The comparison's seed workloads run end to end (one short epoch each) and report what they measure."""
 
 import csv
 
@@ -45,21 +45,21 @@ def test_transformer_trains_and_scores_bits_per_character():
     assert rows[0]["cosine_to_ift"] > 0.99
 
 
-def test_cli_bench_hyperparameter_workload_writes_its_table(tmp_path, capsys):
-    assert main(["bench", "--workload", "hyperparameter", "--gradients", "ift,shine,jfb", "--epochs", "3",
+def test_cli_compare_hyperparameter_workload_writes_its_table(tmp_path, capsys):
+    assert main(["compare", "--workload", "hyperparameter", "--gradients", "ift,shine,jfb", "--epochs", "3",
                  "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "final validation loss" in out and "| shine |" in out
-    with (tmp_path / "bench_hyperparameter.csv").open() as fh:
+    with (tmp_path / "compare_hyperparameter.csv").open() as fh:
         rows = {r["gradient"]: r for r in csv.DictReader(fh)}
     assert set(rows) == {"ift", "shine", "jfb"}
     assert float(rows["ift"]["cosine_to_ift"]) > 0.999
     assert float(rows["shine"]["cosine_to_ift"]) > 0.9
-    assert (tmp_path / "bench_hyperparameter.png").stat().st_size > 10_000
+    assert (tmp_path / "compare_hyperparameter.png").stat().st_size > 10_000
 
 
 def test_cli_refuses_an_unknown_workload(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "--workload", "cifar"])
+        main(["compare", "--workload", "cifar"])
     assert exc.value.code == 2
     assert "invalid choice: 'cifar'" in capsys.readouterr().err

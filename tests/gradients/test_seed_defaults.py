@@ -12,7 +12,7 @@ import pytest
 import implicit_core as ic
 
 pytest.importorskip("sklearn")
-from implicit_demo.bench import cosine  # noqa: E402
+from implicit_demo.compare import cosine  # noqa: E402
 from implicit_demo.data import load_digits  # noqa: E402
 from implicit_demo.model import DemoConfig  # noqa: E402
 from implicit_demo.train import train  # noqa: E402

@@ -1,4 +1,4 @@
-"""The bench's workloads beyond the digits MLP: the settings the seed papers measured on.
+"""The comparison's workloads beyond the digits MLP: the settings the seed papers measured on.
 
 * ``mdeq``: a multiscale convolutional DEQ (two resolutions, GroupNorm, residual conv cells)
   on the digit images: MDEQ's image-classification setting at laptop scale;
@@ -31,9 +31,9 @@ WORKLOADS: dict[str, tuple[str, str, str]] = {
 
 
 def run_workload(name: str, gradients: Sequence[str], epochs: int | None = None, seed: int = 0,
-                 out: str | pathlib.Path = "implicit-core-bench", show_progress: bool = True,
+                 out: str | pathlib.Path = "implicit-core-compare", show_progress: bool = True,
                  echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
-    """Run workload ``name`` once per estimator; write ``bench_<name>.csv/.md/.png``; print the table."""
+    """Run workload ``name`` once per estimator; write ``compare_<name>.csv/.md/.png``; print the table."""
     from implicit_core import get_backend, require_available
 
     from . import report

@@ -8,7 +8,7 @@ problem solved by Broyden,
 Outer problem: lower the validation loss ``L_val(θ*(λ))`` by gradient descent on ``log λ``
 with the hypergradient ``dL_val/dlog λ = -(λ ⊙ θ*) ⊙ u``, ``u = (∂g/∂θ)⁻ᵀ ∇L_val``, which
 each gradient estimator approximates in its own way. ``λ`` is either one penalty (the
-example) or one per feature (the bench: 31 hyper-parameters, so the hypergradient is a
+example) or one per feature (the comparison: 31 hyper-parameters, so the hypergradient is a
 vector and its cosine to the exact one is meaningful). Data: scikit-learn's breast_cancer.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 
 import implicit_core as ic
 
-from ..bench import cosine
+from ..compare import cosine
 
 
 def load_problem(seed: int = 0):

@@ -1,4 +1,4 @@
-"""Tables and figures of a workload's bench rows (CSV, Markdown, PNG)."""
+"""Tables and figures of a workload's comparison rows (CSV, Markdown, PNG)."""
 
 from __future__ import annotations
 
@@ -33,16 +33,16 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write(rows: Sequence[dict[str, Any]], out: pathlib.Path, title: str) -> list[pathlib.Path]:
-    """``bench_<workload>.csv``, ``.md`` and ``.png`` (the figure only with matplotlib)."""
+    """``compare_<workload>.csv``, ``.md`` and ``.png`` (the figure only with matplotlib)."""
     name = rows[0]["workload"]
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"bench_{name}.csv", out / f"bench_{name}.md"]
+    paths = [out / f"compare_{name}.csv", out / f"compare_{name}.md"]
     with paths[0].open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     paths[1].write_text(f"{title}\n\n{to_markdown(rows)}\n")
-    png = figure(rows, out / f"bench_{name}.png", title)
+    png = figure(rows, out / f"compare_{name}.png", title)
     return paths + ([png] if png else [])
 
 

@@ -20,7 +20,7 @@ import implicit_core as ic
 from implicit_torch.memory import PeakMemory
 
 from ..train import progress_bar
-from ..bench import cosine
+from ..compare import cosine
 
 
 class TorchTask(ABC):

@@ -1,4 +1,4 @@
-"""``implicit-core bench``: the gradient estimators side by side on the digits DEQ.
+"""``implicit-core compare``: the gradient estimators side by side on the digits DEQ.
 
 Every estimator × backend trains from the same initialisation with the same solver, seed and
 budget; then, on the trained parameters, the estimator's gradient is compared with the exact
@@ -36,10 +36,10 @@ def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
 
 
-def run_bench(backends: Sequence[str], gradients: Sequence[str] = GRADIENTS, base: DemoConfig | None = None,
-              out: str | pathlib.Path = "implicit-core-bench", show_progress: bool = True,
+def run_comparison(backends: Sequence[str], gradients: Sequence[str] = GRADIENTS, base: DemoConfig | None = None,
+              out: str | pathlib.Path = "implicit-core-compare", show_progress: bool = True,
               echo: Any = print) -> list[dict[str, Any]]:
-    """One row per backend × estimator; writes ``bench.csv``, ``bench.md`` and ``bench.png``."""
+    """One row per backend × estimator; writes ``compare.csv``, ``compare.md`` and ``compare.png``."""
     base = base or DemoConfig(solver="broyden")  # SHINE and Broyden reuse need Broyden's inverse estimate
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def run_bench(backends: Sequence[str], gradients: Sequence[str] = GRADIENTS, bas
     probe = np.arange(min(256, len(data.y_train)))  # the batch every gradient is compared on
     rows = []
     with progress_bar(show_progress) as progress:
-        task = progress.add_task("bench", total=len(backends) * len(gradients), stats="") if progress else None
+        task = progress.add_task("compare", total=len(backends) * len(gradients), stats="") if progress else None
         for backend in backends:
             for gradient in gradients:
                 if progress is not None:
@@ -69,12 +69,12 @@ def run_bench(backends: Sequence[str], gradients: Sequence[str] = GRADIENTS, bas
                 })
                 if progress is not None:
                     progress.advance(task)
-    write_csv(rows, out / "bench.csv")
+    write_csv(rows, out / "compare.csv")
     markdown = to_markdown(rows)
-    (out / "bench.md").write_text(markdown + "\n")
-    png = plots.bench_figure(rows, out / "bench.png")
+    (out / "compare.md").write_text(markdown + "\n")
+    png = plots.comparison_figure(rows, out / "compare.png")
     echo(markdown)
-    echo(f"\nwritten {out / 'bench.csv'}, {out / 'bench.md'}" + (f", {png}" if png else ""))
+    echo(f"\nwritten {out / 'compare.csv'}, {out / 'compare.md'}" + (f", {png}" if png else ""))
     return rows
 
 
