@@ -84,7 +84,8 @@ def solve(
     res, res_abs, res_rel = measure(state)
     finite = xp.isfinite(res)
     int_dtype = xp.int32
-    status = xp.where(finite, xp.where(res <= tol, CONVERGED, RUNNING), NON_FINITE)
+    running = xp.full(res.shape, RUNNING, dtype=int_dtype, device=backend.device(res))
+    status = xp.where(finite, xp.where(res <= tol, CONVERGED, running), NON_FINITE)
     status = xp.astype(status, int_dtype)
     # Blow-up is judged against the first residual (or tol, whichever is larger).
     scale = xp.where(finite, xp.maximum(res, xp.full_like(res, tol)), xp.full_like(res, tol))
@@ -109,7 +110,7 @@ def solve(
                 f"({size / 2**20:.0f} MiB for max_iter={max_iter}): lower max_iter, or trace eagerly"
             )
         buffer = xp.full((max_iter + 1, batch), float("nan"), dtype=res.dtype, device=backend.device(res))
-        carry["trace"] = backend.at_set(buffer, 0, res_abs)
+        carry["trace"] = backend.at_set(buffer, (0, ...), res_abs)
     elif trace:
         rows.append(res_abs)
 
@@ -143,7 +144,7 @@ def solve(
             "best_rel": xp.where(better, res_rel, c["best_rel"]),
         }
         if trace and backend.traced:
-            out["trace"] = backend.at_set(c["trace"], c["k"] + 1, xp.where(accept, res_abs, c["best_abs"]))
+            out["trace"] = backend.at_set(c["trace"], (c["k"] + 1, ...), xp.where(accept, res_abs, c["best_abs"]))
         elif trace:
             rows.append(xp.where(accept, res_abs, c["best_abs"]))
         return out

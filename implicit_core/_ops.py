@@ -68,7 +68,7 @@ def solve_small(xp: Any, A: Any, b: Any) -> Any:
     rows = []
     for i in range(int(A.shape[0])):
         try:
-            rows.append(xp.linalg.solve(A[i : i + 1], b[i : i + 1]))
+            rows.append(xp.linalg.solve(A[i : i + 1, ...], b[i : i + 1, ...]))
         except Exception:
-            rows.append(xp.full_like(b[i : i + 1], float("nan")))
+            rows.append(xp.full_like(b[i : i + 1, ...], float("nan")))
     return xp.concat(rows, axis=0)

@@ -180,10 +180,11 @@ def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: An
     """``buffer[:, slot] = value`` (``slot`` on ``axis``) for active samples only, in place where
     the backend allows; ``slot`` is an int or a 0-d integer array (e.g. ``k % m``)."""
     xp = problem.xp
-    index = (slice(None),) * axis + (slot,)
+    index = (slice(None),) * axis + (slot, ...)
     if problem.backend.all_on_host(active):
         return problem.backend.at_set(buffer, index, value)
-    old = buffer[index]
+    # (reading a slot given as an array: ``take``, since the array API indexes with integers only)
+    old = buffer[index] if isinstance(slot, int) else xp.squeeze(xp.take(buffer, xp.reshape(slot, (1,)), axis=axis), axis=axis)
     mask = xp.reshape(active, (active.shape[0],) + (1,) * (value.ndim - 1))
     return problem.backend.at_set(buffer, index, xp.where(mask, value, old))
 
@@ -272,5 +273,5 @@ def history_columns(problem: "Problem", buffer: Any, count: Any, copy: bool = Fa
     m = int(buffer.shape[1])
     if count >= m:
         return buffer
-    part = buffer[:, : max(count, 0)]
+    part = buffer[:, : max(count, 0), ...]
     return xp.asarray(part, copy=True) if copy else part

@@ -212,7 +212,7 @@ def at_set(backend: Backend) -> None:
     xp = be.xp
     for slot in (1, xp.asarray(1, dtype=xp.int32)):
         buffer = xp.zeros((2, 3, 2), dtype=xp.float64)
-        out = be.at_set(buffer, (slice(None), slot), xp.ones((2, 2), dtype=xp.float64))
+        out = be.at_set(buffer, (slice(None), slot, ...), xp.ones((2, 2), dtype=xp.float64))
         want = np.zeros((2, 3, 2))
         want[:, 1] = 1.0
         _close(f"at_set(buffer, (:, {type(slot).__name__} 1), 1)", _host(be, out), want, 0.0)
@@ -332,11 +332,15 @@ def check_backend(backend: Backend | str, gradient_of: Callable[..., Any] | None
 
 
 # ----------------------------------------------------------------------------- solver checks
+#: One stopping rule for every solver check: a traced backend then compiles each shape once.
+_SOLVER_RULE = {"tol": 1e-10, "max_iter": 500}
+
+
 def solver_converges(solver: Solver, backend: Backend | str = "numpy") -> None:
     """The solver reaches the tanh problem's solution (float64, to 1e-9) and says so."""
     be = _usable(backend)
     p = tanh_problem()
-    z, info, _ = _solve(be, p, solver=solver, tol=1e-11, max_iter=500)
+    z, info, _ = _solve(be, p, solver=solver, **_SOLVER_RULE)
     _close(f"solver {solver.name!r} on the tanh problem", _host(be, z), p.z_star, 1e-9)
 
 
@@ -352,13 +356,13 @@ def solver_keeps_dtype(solver: Solver, backend: Backend | str = "numpy") -> None
 def solver_samples_are_independent(solver: Solver, backend: Backend | str = "numpy") -> None:
     """A sample's result does not depend on its batch-mates (it stops and is frozen on its own)."""
     be = _usable(backend)
-    p = tanh_problem(batch=4)
-    easy = TanhProblem(p.W, np.concatenate([p.c[:2], 0.01 * p.c[2:]]))  # two samples converge sooner
-    together, _, _ = _solve(be, easy, solver=solver, tol=1e-10, max_iter=500)
+    p = tanh_problem()
+    easy = TanhProblem(p.W, np.concatenate([p.c[:2], 0.01 * p.c[2:]]))  # three samples converge sooner
+    together, _, _ = _solve(be, easy, solver=solver, **_SOLVER_RULE)
     together = _host(be, together)
-    for b in range(4):
+    for b in range(p.c.shape[0]):
         alone = TanhProblem(p.W, easy.c[b : b + 1])
-        z, _, _ = _solve(be, alone, solver=solver, tol=1e-10, max_iter=500)
+        z, _, _ = _solve(be, alone, solver=solver, **_SOLVER_RULE)
         _close(f"sample {b} solved with its batch-mates vs alone", together[b : b + 1], _host(be, z), 1e-8)
 
 

@@ -12,6 +12,32 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+
+EXAMPLE_BACKEND = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "array_api_backend_plugin")
+
+
+def _register_example_backend() -> None:
+    """The example third-party backend (array_api_strict: the array API standard and nothing
+    more) joins the registered backends, so the whole suite also runs on it: proof that the
+    core, the solvers and the estimators use standard operations only. Installed as a package
+    it arrives through its entry point instead (tests/test_examples.py checks that path)."""
+    import importlib.util
+
+    if importlib.util.find_spec("array_api_strict") is None:
+        return
+    import implicit_core as ic
+
+    if "strict" in {p.name for p in ic.plugins() if p.kind == "backend"}:
+        return  # installed, or registered already
+    if EXAMPLE_BACKEND not in sys.path:
+        sys.path.insert(0, EXAMPLE_BACKEND)
+    import implicit_strict
+
+    ic.register_plugin(implicit_strict)
+
+
+_register_example_backend()
+
 from helpers import BACKENDS, backend_or_skip  # noqa: E402
 
 try:  # the shared problem set is float64: JAX needs it switched on before any array exists
@@ -46,3 +72,9 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("skipped, by reason")
         for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
             terminalreporter.line(f"{count:4d}  {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _example_backend_registered():
+    """Tests that reload the registry drop run-time registrations: the example backend comes back."""
+    _register_example_backend()

@@ -51,15 +51,40 @@ def test_hyperparameter_example_lowers_the_validation_loss_with_every_method(tmp
     assert (tmp_path / "hyperparameter_optimisation.png").stat().st_size > 10_000
 
 
-def test_custom_solver_plugin_installs_and_registers_like_a_third_party(tmp_path):
-    """pip installs the example package; a fresh interpreter discovers its solver by entry point."""
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    """The example plugin packages pip-installed into a folder; the environment that sees them."""
     import os
     import subprocess
 
-    target = tmp_path / "site"
+    target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                    str(EXAMPLES / "custom_solver_plugin")], check=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+                    str(EXAMPLES / "custom_solver_plugin"), str(EXAMPLES / "array_api_backend_plugin")], check=True)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_example_backend_plugin_installs_and_passes_the_conformance_suite(plugin_site):
+    """A fresh interpreter finds the strict backend by its entry point; its README runs as shown."""
+    import re
+    import subprocess
+
+    pytest.importorskip("array_api_strict")
+    listing = subprocess.run([sys.executable, "-m", "implicit_core.cli", "plugins", "--plain"], env=plugin_site,
+                             capture_output=True, text=True, check=True).stdout
+    row = next(line.split() for line in listing.splitlines() if " strict " in f" {line} ")
+    assert row[:4] == ["backend", "strict", "implicit-strict", "installed"]
+    readme = (EXAMPLES / "array_api_backend_plugin" / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    shown = subprocess.run([sys.executable, "-c", block], env=plugin_site, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "broyden: 5/5 converged" in shown.stdout and "True" in shown.stdout
+
+
+def test_custom_solver_plugin_installs_and_registers_like_a_third_party(plugin_site):
+    """pip installs the example package; a fresh interpreter discovers its solver by entry point."""
+    import subprocess
+
+    env = plugin_site
     listing = subprocess.run([sys.executable, "-m", "implicit_core.cli", "plugins", "--plain"], env=env,
                              capture_output=True, text=True, check=True).stdout
     row = next(line.split() for line in listing.splitlines() if " halpern " in f" {line} ")

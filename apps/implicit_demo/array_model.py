@@ -67,7 +67,7 @@ class ArrayTrainer(Trainer):
 
     def _loss_and_grads(self, idx: np.ndarray, **solve: Any):
         i = self.xp.asarray(idx)
-        x, onehot = self.x_train[i], self.onehot_train[i]
+        x, onehot = (self.xp.take(a, i, axis=0) for a in (self.x_train, self.onehot_train))
 
         def forward():
             z, info, logits = self._forward(x, **solve)
@@ -76,7 +76,7 @@ class ArrayTrainer(Trainer):
 
         (z, info, logits, loss, dlogits), t_fwd = timed(forward, self._wait)
         grads, t_bwd = timed(lambda: self._backward(x, z, info, dlogits), self._wait)
-        correct = self.xp.sum(self.xp.argmax(logits, axis=1) == self.xp.argmax(onehot, axis=1))
+        correct = self.xp.count_nonzero(self.xp.argmax(logits, axis=1) == self.xp.argmax(onehot, axis=1))
         return grads, info, float(loss), int(correct), t_fwd, t_bwd
 
     def train_step(self, idx: np.ndarray) -> StepStats:

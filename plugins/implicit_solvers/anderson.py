@@ -52,8 +52,8 @@ class Anderson(Solver):
         batch, n = z0.shape
         device = be.device(z0)
         m = min(self.m, problem.max_steps + 1)  # no slot that the solve cannot fill
-        Fx = be.at_set(xp.zeros((batch, m, n), dtype=z0.dtype, device=device), (slice(None), 0), fz)
-        G = be.at_set(xp.zeros((batch, m, n), dtype=z0.dtype, device=device), (slice(None), 0), g)
+        Fx = be.at_set(xp.zeros((batch, m, n), dtype=z0.dtype, device=device), (slice(None), 0, ...), fz)
+        G = be.at_set(xp.zeros((batch, m, n), dtype=z0.dtype, device=device), (slice(None), 0, ...), g)
         GG = xp.zeros((batch, m, m), dtype=z0.dtype, device=device)
         GG = be.at_set(GG, (slice(None), 0, 0), bdot(xp, g, g))
         return {"z": z0, "fz": fz, "F": Fx, "G": G, "GG": GG}
@@ -70,10 +70,10 @@ class Anderson(Solver):
         # A floor of 10 eps keeps an exactly rank-deficient history (lam = 0) solvable.
         finfo = xp.finfo(dtype)
         newest = xp.sum(diag * xp.astype(slots == (k % m), dtype)[None, :], axis=-1)
-        reg = max(self.lam, 10 * float(finfo.eps)) * newest + float(finfo.tiny) ** 0.5
+        reg = max(self.lam, 10 * float(finfo.eps)) * newest + float(finfo.smallest_normal) ** 0.5
         # GG is zero outside the filled block; unfilled slots get 1 on the diagonal.
         shift = xp.where(valid[None, :], reg[:, None], 1.0)
-        A = GG + xp.eye(m, dtype=dtype, device=device)[None] * shift[:, None, :]
+        A = GG + xp.eye(m, dtype=dtype, device=device)[None, ...] * shift[:, None, :]
         ok = finite_rows(xp, A)
         A = xp.where(ok[:, None, None], A, xp.eye(m, dtype=dtype, device=device))
         y = solve_small(xp, A, xp.broadcast_to(filled[None, :, None], (A.shape[0], m, 1)))[..., 0]

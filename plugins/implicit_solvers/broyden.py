@@ -152,7 +152,7 @@ class Broyden(Solver):
         written = k  # rank-one terms written before this step: one per step, plus OPA's
         if self.opa is not None:
             fires = self._opa_fires(k)
-            written = k + ((k - 1) // self.opa_freq) * (k > 0)
+            written = k + xp.where(k > 0, (k - 1) // self.opa_freq, 0)
 
             def opa_update():
                 H = self._current(problem, state, written)
@@ -165,7 +165,7 @@ class Broyden(Solver):
                 return updated["U"], updated["V"]
 
             state["U"], state["V"] = be.cond(fires, opa_update, lambda: (state["U"], state["V"]))
-            written = written + fires
+            written = written + xp.astype(fires, written.dtype)
         H = self._current(problem, state, written)
         # H g(z) is carried from the previous step (updated for its rank-one term below);
         # after an OPA update it is recomputed.
