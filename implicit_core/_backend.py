@@ -163,6 +163,10 @@ class Backend(abc.ABC):
         """``true_fn() if pred else false_fn()``; traced backends use their conditional primitive."""
         return true_fn() if bool(pred) else false_fn()
 
+    def switch(self, index: Any, branches: Sequence[Callable[[], Any]]) -> Any:
+        """``branches[index]()``; traced backends use their multi-way conditional (one branch runs)."""
+        return branches[int(index)]()
+
     def wrap_function(self, fn: Callable[[Any, Any], Any], z0: Any) -> Callable[[Any, Any], Any]:
         """The user's function as the solve calls it; a backend may run it in a context the
         solver's own arithmetic must not see (torch: inside the caller's ``autocast``)."""

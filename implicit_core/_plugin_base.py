@@ -21,7 +21,7 @@ import numbers
 import warnings
 
 import array_api_compat
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from ._errors import ConfigurationError, ImplicitError, PluginError
 
@@ -275,3 +275,29 @@ def history_columns(problem: "Problem", buffer: Any, count: Any, copy: bool = Fa
         return buffer
     part = buffer[:, : max(count, 0), ...]
     return xp.asarray(part, copy=True) if copy else part
+
+
+def with_history(problem: "Problem", buffers: Sequence[Any], count: Any, fn: Callable[..., Any]) -> Any:
+    """``fn(*slices)`` on the slots ``[:, :count]`` of ``(batch, m, ...)`` histories written so far.
+
+    Products with the histories then cost what was written, not all ``m`` slots. Eagerly the
+    slices are exact (:func:`history_columns`); under a trace, where shapes are fixed, ``fn``
+    is traced once per size in ``8, 16, 32, ..., m`` and the smallest size holding ``count``
+    slots runs (``Backend.switch``): a solve pays at most twice what it uses, or 8 slots
+    (smaller sizes would cost more compile time than they save). The unwritten slots inside
+    that size must be zeros. ``count`` is an int or a 0-d integer array (the same for every
+    sample); ``fn`` returns arrays whose shapes do not depend on the size.
+    """
+    backend = problem.backend
+    if not backend.traced:
+        return fn(*(history_columns(problem, b, count) for b in buffers))
+    m = int(buffers[0].shape[1])
+    sizes = sorted({min(2**i, m) for i in range(3, max(m - 1, 1).bit_length() + 1)} | {m})
+    xp = problem.xp
+    # the index of the smallest size >= count: how many sizes are smaller than count
+    index = sum(xp.astype(count > s, xp.int32) for s in sizes[:-1]) if len(sizes) > 1 else 0
+
+    def branch(size: int) -> Callable[[], Any]:
+        return lambda: fn(*(b[:, :size, ...] for b in buffers))
+
+    return backend.switch(index, [branch(s) for s in sizes])

@@ -236,7 +236,7 @@ def trees(backend: Backend) -> None:
 
 
 def control_flow(backend: Backend) -> None:
-    """``while_loop`` and ``cond`` run the loop body and pick the branch (eager or traced)."""
+    """``while_loop``, ``cond`` and ``switch`` run the loop body and pick the branch (eager or traced)."""
     be = _usable(backend)
     xp = be.xp
     carry = {"k": xp.asarray(0, dtype=xp.int32), "x": xp.zeros((3,), dtype=xp.float64)}
@@ -245,6 +245,9 @@ def control_flow(backend: Backend) -> None:
     for pred, want in ((True, 1.0), (False, -1.0)):
         got = be.cond(xp.asarray(pred), lambda: xp.ones((2,)), lambda: -xp.ones((2,)))
         _close(f"cond({pred})", _host(be, got), np.full(2, want), 0.0)
+    for index in range(3):
+        got = be.switch(xp.asarray(index, dtype=xp.int32), [lambda i=i: xp.full((2,), float(i)) for i in range(3)])
+        _close(f"switch({index})", _host(be, got), np.full(2, float(index)), 0.0)
 
 
 def solves(backend: Backend) -> None:

@@ -111,6 +111,11 @@ class JaxBackend(Backend):
 
         return jax.lax.cond(pred, true_fn, false_fn)
 
+    def switch(self, index: Any, branches: Any) -> Any:
+        import jax
+
+        return jax.lax.switch(index, list(branches))
+
     def while_loop(self, cond: Callable[[Any], Any], body: Callable[[Any], Any], carry: Any) -> Any:
         import jax
 

@@ -9,7 +9,7 @@ from implicit_core import Solver
 from implicit_core.plugin import ConfigurationError
 from implicit_core.plugin import LowRankInverse
 from implicit_core.plugin import bdot, bnorm, safe_divide
-from implicit_core.plugin import check_choice, check_positive_int, check_range, history_columns, write_row
+from implicit_core.plugin import check_choice, check_positive_int, check_range, history_columns, with_history, write_row
 
 UPDATES = ("auto", "good", "adjoint")
 
@@ -104,22 +104,26 @@ class Broyden(Solver):
     def _current(self, problem, state, written) -> LowRankInverse:
         """``H`` before this step's update, over the columns written so far."""
         U, V = (history_columns(problem, state[key], written) for key in ("U", "V"))
-        return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)
+        return self._inverse(state, U, V, problem.xp)
+
+    def _inverse(self, state, U, V, xp) -> LowRankInverse:
+        return LowRankInverse(U, V, xp, state["scale"], self.initial_inverse)
 
     def _write(self, problem, state, index, u, v, active):
         slot = index % self._slots(state)
         state["U"] = write_row(problem, state["U"], slot, u, active)
         state["V"] = write_row(problem, state["V"], slot, v, active)
 
-    def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None, JT: Any = None) -> tuple[Any, Any]:
-        """Rank-one terms making ``H_+^T J_g(z)^T s = s`` (``Hs``: ``H s``, ``JT``: ``J_F(z)^T``, if known)."""
+    def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None, y: Any = None) -> tuple[Any, Any]:
+        """Rank-one terms making ``H_+^T J_g(z)^T s = s`` (``Hs``: ``H s``, ``y``: ``J_g(z)^T s``, if known)."""
         xp = problem.xp
         if problem.flat_fn is not None:
             raise ConfigurationError(
                 "broyden: the adjoint update needs VJPs of the function, which internal backward "
                 "systems do not provide; use update='good' for the backward solver"
             )
-        y = (problem.backend.vjp_at(problem, z, s) if JT is None else JT(s)) - s  # J_g^T s with g = F - I
+        if y is None:
+            y = problem.backend.vjp_at(problem, z, s) - s  # J_g^T s with g = F - I
         b = H.rmatvec(y)
         v, ok = safe_divide(xp, s - b, bdot(xp, b, s), problem.eps)
         u = xp.where(ok[:, None], H.matvec(s) if Hs is None else Hs, 0.0)
@@ -166,38 +170,49 @@ class Broyden(Solver):
 
             state["U"], state["V"] = be.cond(fires, opa_update, lambda: (state["U"], state["V"]))
             written = written + xp.astype(fires, written.dtype)
-        H = self._current(problem, state, written)
         # H g(z) is carried from the previous step (updated for its rank-one term below);
         # after an OPA update it is recomputed.
         g = fz - z
-        Hgz = state["Hg"] if self.opa is None else H.matvec(g)
+        if self.opa is None:
+            Hgz = state["Hg"]
+        else:
+            Hgz = with_history(problem, (state["U"], state["V"]), written, lambda U, V: self._inverse(state, U, V, xp).matvec(g))
         dz = -self.step_size * Hgz
         z_new = z + dz
-        adjoint, JT = self._update(problem) == "adjoint", None
+        adjoint, y = self._update(problem) == "adjoint", None
         if adjoint and problem.flat_fn is None:  # F and its VJP at z_new from one evaluation
             fz_new, JT = be.value_and_linearise(problem, z_new)
+            y = JT(fz_new - z_new) - (fz_new - z_new)  # J_gᵀ g(z_new), with g = F - I
         else:
             fz_new = problem.F(z_new)
         g_new = fz_new - z_new
-        Hg_new = H.matvec(g_new)
-        if self.scale_initial and self.initial_inverse is None:
-            # Before the first update H = s I exactly: refit s to the first secant pair (at the
-            # first step only: through the backend's conditional, so later steps skip the passes).
-            def refit():
-                dg = g_new - g
-                gamma, ok = safe_divide(xp, bdot(xp, dz, dg), bdot(xp, dg, dg), problem.eps)
-                delta = xp.where(ok, gamma - state["scale"], 0.0)
-                # H' = H + delta I
-                return state["scale"] + delta, Hgz + delta[:, None] * g, Hg_new + delta[:, None] * g_new
 
-            state["scale"], Hgz, Hg_new = be.cond(k == 0, refit, lambda: (state["scale"], Hgz, Hg_new))
-            H = LowRankInverse(H.U, H.V, xp, state["scale"], H.base)
-        if not adjoint:
-            Hdg = Hg_new - Hgz  # linearity saves a pass over the buffers
-            u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
-            v = H.rmatvec(dz)  # finite (z is); where u is zero the term vanishes
-        else:
-            u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new, JT=JT)
+        def rank_one(U, V):
+            """This step's rank-one term, from the written columns of the history."""
+            H = self._inverse(state, U, V, xp)
+            Hg_new = H.matvec(g_new)
+            scale, Hg = state["scale"], Hgz
+            if self.scale_initial and self.initial_inverse is None:
+                # Before the first update H = s I exactly: refit s to the first secant pair (at
+                # the first step only, through the backend's conditional).
+                def refit():
+                    dg = g_new - g
+                    gamma, ok = safe_divide(xp, bdot(xp, dz, dg), bdot(xp, dg, dg), problem.eps)
+                    delta = xp.where(ok, gamma - scale, 0.0)
+                    # H' = H + delta I
+                    return scale + delta, Hg + delta[:, None] * g, Hg_new + delta[:, None] * g_new
+
+                scale, Hg, Hg_new = be.cond(k == 0, refit, lambda: (scale, Hg, Hg_new))
+                H = LowRankInverse(U, V, xp, scale, self.initial_inverse)
+            if not adjoint:
+                Hdg = Hg_new - Hg  # linearity saves a pass over the buffers
+                u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
+                v = H.rmatvec(dz)  # finite (z is); where u is zero the term vanishes
+            else:
+                u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new, y=y)
+            return scale, Hg, Hg_new, u, v
+
+        state["scale"], Hgz, Hg_new, u, v = with_history(problem, (state["U"], state["V"]), written, rank_one)
         self._write(problem, state, written, u, v, active)
         # (H + u v^T) g_new, without another pass over the buffers
         Hg_next = Hg_new + u * bdot(xp, v, g_new)[:, None]

@@ -162,6 +162,27 @@ def test_history_columns_cost_what_was_written(be):
     assert tuple(history_columns(problem, buffer, 9).shape) == (2, 5, 3)
 
 
+def test_with_history_reads_the_written_slots_at_most_twice_over(be):
+    """Eagerly the exact slots; traced, the smallest of 8, 16, ..., m holding them (one branch runs)."""
+    from types import SimpleNamespace
+
+    from implicit_core.plugin import with_history
+
+    xp = be.xp
+    host = np.zeros((2, 20, 3))
+    host[:, :11] = np.random.default_rng(0).standard_normal((2, 11, 3))
+    problem = SimpleNamespace(backend=be, xp=xp)
+    seen = []
+
+    def total(U):
+        seen.append(int(U.shape[1]))
+        return xp.sum(U, axis=1)
+
+    out = with_history(problem, (xp.asarray(host),), xp.asarray(11, dtype=xp.int32), total)
+    np.testing.assert_allclose(case_host(be, out), host.sum(axis=1), atol=1e-12)
+    assert seen == ([8, 16, 20] if be.traced else [11])
+
+
 def test_best_iterate_is_returned(be):
     """A map that overshoots after converging: the returned point is the lowest-residual one."""
     case = tanh_case(be, batch=2)
