@@ -117,17 +117,23 @@ def solve(
     def cond(c: dict[str, Any]) -> Any:
         return (c["k"] < max_iter) & xp.any(c["status"] == RUNNING)
 
+    # With one residual measured per step (res, res_abs and res_rel the same array), only
+    # best_res is tracked; best_abs and best_rel are filled from it after the loop.
+    single = measure_step is not measure
+    initial_abs = res_abs
+    limit = None if divergence is None else divergence * scale
+
     def body(c: dict[str, Any]) -> dict[str, Any]:
         active = c["status"] == RUNNING
         new = check_solver_state(solver, "step", call_plugin(solver, "step", problem, c["state"], c["k"], active), z0)
         res, res_abs, res_rel = measure_step(new)
         finite = res < _INF  # a norm: False exactly for NaN and Inf, in one kernel
-        accept = active & finite
-        better = accept & (res < c["best_res"])
-        status = xp.where(active & ~finite, NON_FINITE, c["status"])
-        status = xp.where(accept & (res <= tol), CONVERGED, status)
-        if divergence is not None:
-            status = xp.where(accept & (res > divergence * scale), DIVERGED, status)
+        better = active & (res < c["best_res"])  # (a non-finite residual is never lower)
+        # What this step's residual means for a running sample, as one status code.
+        code = xp.where(res <= tol, CONVERGED, running)
+        if limit is not None:
+            code = xp.where(res > limit, DIVERGED, code)
+        code = xp.where(finite, code, NON_FINITE)
         out = {
             # A non-finite step is not kept: the sample stays on its last finite state. A
             # stopped sample's result is frozen in best_z; the solver may go on computing its
@@ -136,20 +142,28 @@ def solve(
             # they are written for active samples only (write_row).
             "state": new if backend.all_on_host(finite) else select(xp, finite, new, c["state"], solver.row_masked),
             "k": c["k"] + 1,
-            "status": xp.astype(status, int_dtype, copy=False),
+            "status": xp.where(active, code, c["status"]),
             "steps": c["steps"] + xp.astype(active, int_dtype),
             "best_z": new["z"] if backend.all_on_host(better) else select(xp, better, new["z"], c["best_z"]),
             "best_res": xp.where(better, res, c["best_res"]),
-            "best_abs": xp.where(better, res_abs, c["best_abs"]),
-            "best_rel": xp.where(better, res_rel, c["best_rel"]),
         }
-        if trace and backend.traced:
-            out["trace"] = backend.at_set(c["trace"], (c["k"] + 1, ...), xp.where(accept, res_abs, c["best_abs"]))
-        elif trace:
-            rows.append(xp.where(accept, res_abs, c["best_abs"]))
+        if not single:
+            out["best_abs"] = xp.where(better, res_abs, c["best_abs"])
+            out["best_rel"] = xp.where(better, res_rel, c["best_rel"])
+        if trace:
+            row = xp.where(active & finite, res_abs, c["best_res"] if single else c["best_abs"])
+            if backend.traced:
+                out["trace"] = backend.at_set(c["trace"], (c["k"] + 1, ...), row)
+            else:
+                rows.append(row)
         return out
 
+    if single:
+        del carry["best_abs"], carry["best_rel"]
     carry = backend.while_loop(cond, body, carry)
+    if single:  # (a sample that never had a finite residual keeps its first one: NaN or Inf)
+        carry["best_abs"] = xp.where(carry["best_res"] < _INF, carry["best_res"], initial_abs)
+        carry["best_rel"] = carry["best_abs"]
     status = xp.where(carry["status"] == RUNNING, MAX_ITER, carry["status"])
     if rechecked:
         status = _recheck(problem, carry, status, tol, stop_mode, measure, rel_known=measure_step is measure)
