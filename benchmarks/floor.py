@@ -250,26 +250,36 @@ def table(rows: list[dict[str, Any]], peers: bool) -> str:
     return "\n".join(lines)
 
 
+def measure_all(backends, solvers, n: int, batch: int, repeat: int, peers: bool, echo=print) -> list[dict[str, Any]]:
+    """One row per backend and solver (and its peer's figures with ``peers``)."""
+    ref = reference_arrays(n=n, batch=batch)
+    rows = []
+    for backend in backends:
+        work = WORKLOADS[backend](ref)
+        for solver in solvers:
+            row = {"backend": backend, "solver": solver, **measure(work, solver, repeat)}
+            if peers and hasattr(work, "peer"):
+                row["peer"] = "TorchDEQ" if backend == "torch" else "jaxopt"
+                row.update(measure_peer(work, solver, repeat, row["floor_ms"], row["evals"]))
+                row["vs_peer"] = row["forward_ms"] / row["peer_ms"]
+            rows.append(row)
+            echo(f"  {backend:6s} {solver:12s} evals {row['evals']:3d}  floor {row['floor_ms']:8.2f} ms  "
+                 f"forward {row['forward_ms']:8.2f} ms  ratio {row['ratio']:.2f}")
+    return rows
+
+
+def title(n: int, batch: int, repeat: int) -> str:
+    return (f"Forward time / f-evaluation floor: tanh cell, n {n}, batch {batch}, float32, tol {TOL:g}, "
+            f"median of {repeat} alternating runs")
+
+
 def run_table(opts) -> None:
     if opts.peers:
         needed = {"torch": "torchdeq", "jax": "jaxopt"}
         require(*(needed[b] for b in opts.backends if b in needed), install="pip install torchdeq jaxopt")
-    ref = reference_arrays(n=opts.n, batch=opts.batch)
-    rows = []
-    for backend in opts.backends:
-        work = WORKLOADS[backend](ref)
-        for solver in opts.solvers:
-            row = {"backend": backend, "solver": solver, **measure(work, solver, opts.repeat)}
-            if opts.peers and hasattr(work, "peer"):
-                row["peer"] = "TorchDEQ" if backend == "torch" else "jaxopt"
-                row.update(measure_peer(work, solver, opts.repeat, row["floor_ms"], row["evals"]))
-                row["vs_peer"] = row["forward_ms"] / row["peer_ms"]
-            rows.append(row)
-            print(f"  {backend:6s} {solver:12s} evals {row['evals']:3d}  floor {row['floor_ms']:8.2f} ms  "
-                  f"forward {row['forward_ms']:8.2f} ms  ratio {row['ratio']:.2f}", flush=True)
-    title = (f"Forward time / f-evaluation floor: tanh cell, n {opts.n}, batch {opts.batch}, float32, "
-             f"tol {TOL:g}, median of {opts.repeat} alternating runs")
-    report(title, table(rows, opts.peers), opts.markdown)
+    rows = measure_all(opts.backends, opts.solvers, opts.n, opts.batch, opts.repeat, opts.peers,
+                       echo=lambda line: print(line, flush=True))
+    report(title(opts.n, opts.batch, opts.repeat), table(rows, opts.peers), opts.markdown)
 
 
 def run_scaling(opts) -> None:

@@ -23,7 +23,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md"]
 IMAGES = ROOT / "docs" / "images"
-SECTIONS = ("demo", "digits", "mdeq", "transformer", "hyperparameter")
+SECTIONS = ("demo", "digits", "mdeq", "transformer", "hyperparameter", "floor")
 
 
 def machine() -> str:
@@ -80,6 +80,21 @@ def workload_table(name: str) -> str:
     return "\n".join(text for text in captured if not text.startswith("\nwritten")).strip()
 
 
+def floor_table() -> str:
+    """``benchmarks/floor.py`` on every backend and solver, with TorchDEQ and jaxopt where installed."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import floor
+
+    backends = [b for b in floor.BACKENDS if importlib.util.find_spec(b) is not None]
+    peers = all(importlib.util.find_spec(m) is not None for m in ("torchdeq", "jaxopt"))
+    rows = floor.measure_all(backends, floor.SOLVERS, 256, 512, 15, peers, echo=lambda *_: None)
+    import torch
+
+    return f"{floor.title(256, 512, 15)}, {torch.get_num_threads()} thread(s)\n\n{floor.table(rows, peers)}"
+
+
 def substitute(name: str, body: str) -> None:
     pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(<!-- /figures:{name} -->)", re.S)
     for page in PAGES:
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = f"*Measured {machine()}; regenerate with `python benchmarks/readme_figures.py --only SECTION`.*"
     for name in chosen:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        table = demo_table() if name == "demo" else digits_table() if name == "digits" else workload_table(name)
+        table = {"demo": demo_table, "digits": digits_table, "floor": floor_table}.get(name, lambda: workload_table(name))()
         substitute(name, f"{stamp}\n\n{table}\n")
     return 0
 

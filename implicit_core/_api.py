@@ -409,7 +409,6 @@ def _resolve_backend(name: str | None, z0: Any, args: Any) -> Backend:
             )
         be = next(iter(found.values()))
     require_available(be)
-    be.check_context()
     for leaf in be.tree_flatten(z0)[0]:
         if _owner(leaf, [be]) is not be:  # another backend may own these arrays too (a forced one)
             raise BackendMismatchError(
@@ -430,6 +429,7 @@ def _build_problem(
     be: Backend, fn: Callable, z0: Any, args: Any, form: str, user_vjp: Any, batched: bool = True
 ) -> Problem:
     xp = be.xp
+    fn = be.wrap_function(fn, z0)  # first: a backend refuses a context it cannot solve in here
     leaves, treedef = be.tree_flatten(z0)
     if not leaves:
         raise ShapeError("z0 is empty: pass an array (batch, ...) or a tuple/pytree of such arrays")
@@ -497,4 +497,4 @@ def _build_problem(
         # meaningful.
         solve_dtype=xp.float32 if xp.finfo(dtype).bits < 32 else dtype,
     )
-    return Problem(backend=be, layout=layout, fn=be.wrap_function(fn, z0), args=args, form=form, user_vjp=user_vjp)
+    return Problem(backend=be, layout=layout, fn=fn, args=args, form=form, user_vjp=user_vjp)

@@ -44,29 +44,12 @@ class Backend(abc.ABC):
     install_hint: ClassVar[str] = ""
 
     # ----------------------------------------------------------------- discovery
-    def installed(self) -> tuple[bool, str]:
-        """Whether every module in :attr:`requires` can be found, without importing any.
-
-        ``(True, "")`` or ``(False, reason)``; cheap enough for listing plugins.
-        """
-        for module in self.requires:
-            if module in sys.modules:
-                continue
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except (ImportError, ValueError):
-                found = False
-            if not found:
-                hint = f"; {self.install_hint}" if self.install_hint else ""
-                return False, f"{module} is not installed{hint}"
-        return True, ""
-
     def available(self) -> tuple[bool, str]:
         """``(True, "")`` when usable here, else ``(False, reason)``.
 
         The default imports :attr:`requires`; backends with more conditions (a device) extend it.
         """
-        ok, reason = self.installed()
+        ok, reason = requirements_found(self)
         if not ok:
             return ok, reason
         for module in self.requires:
@@ -169,13 +152,12 @@ class Backend(abc.ABC):
         return branches[int(index)]()
 
     def wrap_function(self, fn: Callable[[Any, Any], Any], z0: Any) -> Callable[[Any, Any], Any]:
-        """The user's function as the solve calls it; a backend may run it in a context the
-        solver's own arithmetic must not see (torch: inside the caller's ``autocast``)."""
-        return fn
+        """The user's function as the solve calls it (once per solve, before anything runs).
 
-    def check_context(self) -> None:
-        """Called once per solve before anything runs: raise a typed error in a context the
-        backend cannot solve in (torch: inside a ``torch.func`` transform)."""
+        A backend may run it in a context the solver's own arithmetic must not see (torch:
+        inside the caller's ``autocast``), or raise a typed error in a context it cannot
+        solve in (torch: inside a ``torch.func`` transform)."""
+        return fn
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Context for the forward solve: frameworks that record graphs switch recording off."""
@@ -275,3 +257,21 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<backend {self.name!r}>"
+
+
+def requirements_found(backend: Backend) -> tuple[bool, str]:
+    """Whether every module in ``backend.requires`` can be found, without importing any.
+
+    ``(True, "")`` or ``(False, reason)``; cheap enough for listing plugins.
+    """
+    for module in backend.requires:
+        if module in sys.modules:
+            continue
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            hint = f"; {backend.install_hint}" if backend.install_hint else ""
+            return False, f"{module} is not installed{hint}"
+    return True, ""

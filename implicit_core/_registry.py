@@ -41,7 +41,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from ._backend import Backend
+from ._backend import Backend, requirements_found
 from ._errors import BackendUnavailableError, ConfigurationError, PluginError, PluginWarning, UnknownPluginError, did_you_mean
 from ._plugin_base import GradientEstimator, Solver
 
@@ -371,9 +371,9 @@ def _backend_status(backend: Backend, check: bool) -> tuple[bool, str, bool]:
     if check or all(module in sys.modules for module in backend.requires):
         return (*_safe_available(backend), True)
     try:
-        ok, reason = backend.installed()
+        ok, reason = requirements_found(backend)
     except Exception as exc:
-        return False, f"installed() raised {exc!r}", True
+        return False, f"looking up its modules raised {exc!r}", True
     return bool(ok), str(reason), not ok
 
 

@@ -168,17 +168,16 @@ def _solve(be: Backend, p: TanhProblem, dtype: str = "float64", **options: Any) 
 
 # ----------------------------------------------------------------------------- backend checks
 def discovery(backend: Backend) -> None:
-    """``name``, ``requires``, ``installed()`` and ``available()`` follow the contract."""
+    """``name``, ``requires`` and ``available()`` follow the contract."""
     if not isinstance(backend.name, str) or not backend.name.isidentifier():
         raise ConformanceError(f"name must be an identifier users pass as backend=..., got {backend.name!r}")
     if not isinstance(backend.requires, tuple) or not all(isinstance(m, str) for m in backend.requires):
         raise ConformanceError(f"requires must be a tuple of module names, got {backend.requires!r}")
-    for method in ("installed", "available"):
-        out = getattr(backend, method)()
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], bool) and isinstance(out[1], str)):
-            raise ConformanceError(f"{method}() must return (bool, reason: str), got {out!r}")
-        if not out[0] and not out[1]:
-            raise ConformanceError(f"{method}() says unusable without saying why")
+    out = backend.available()
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], bool) and isinstance(out[1], str)):
+        raise ConformanceError(f"available() must return (bool, reason: str), got {out!r}")
+    if not out[0] and not out[1]:
+        raise ConformanceError("available() says unusable without saying why")
 
 
 def arrays(backend: Backend) -> None:

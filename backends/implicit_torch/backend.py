@@ -46,7 +46,7 @@ class TorchBackend(Backend):
         gen = torch.Generator(device=like.device).manual_seed(seed)
         return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
 
-    def check_context(self) -> None:
+    def _check_context(self) -> None:
         import torch
 
         if torch._C._functorch.maybe_current_level() is not None:
@@ -69,10 +69,12 @@ class TorchBackend(Backend):
     def wrap_function(self, fn: Callable[[Any, Any], Any], z0: Any) -> Callable[[Any, Any], Any]:
         import torch
 
+        self._check_context()
+
         enabled = [(d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
         if not enabled:
             return fn
-        dtypes = [leaf.dtype for leaf in self.tree_flatten(z0)[0]]
+        dtypes = [getattr(leaf, "dtype", None) for leaf in self.tree_flatten(z0)[0]]
 
         def under_autocast(z: Any, args: Any) -> Any:
             # The caller's autocast applies to their function, not to the solver's arithmetic:
