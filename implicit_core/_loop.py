@@ -166,7 +166,7 @@ def solve(
         carry["best_rel"] = carry["best_abs"]
     status = xp.where(carry["status"] == RUNNING, MAX_ITER, carry["status"])
     if rechecked:
-        status = _recheck(problem, carry, status, tol, stop_mode, measure, rel_known=measure_step is measure)
+        status = _recheck(problem, carry, status, tol, stop_mode, measure, rel_known=not single)
     status = xp.astype(status, int_dtype)
     trace_out = carry.get("trace")
     if trace and not backend.traced:

@@ -277,6 +277,10 @@ def history_columns(problem: "Problem", buffer: Any, count: Any, copy: bool = Fa
     return xp.asarray(part, copy=True) if copy else part
 
 
+#: Histories with fewer entries than this are read whole under a trace (see with_history).
+_SMALL_HISTORY = 2**16
+
+
 def with_history(problem: "Problem", buffers: Sequence[Any], count: Any, fn: Callable[..., Any]) -> Any:
     """``fn(*slices)`` on the slots ``[:, :count]`` of ``(batch, m, ...)`` histories written so far.
 
@@ -284,7 +288,8 @@ def with_history(problem: "Problem", buffers: Sequence[Any], count: Any, fn: Cal
     slices are exact (:func:`history_columns`); under a trace, where shapes are fixed, ``fn``
     is traced once per size in ``8, 16, 32, ..., m`` and the smallest size holding ``count``
     slots runs (``Backend.switch``): a solve pays at most twice what it uses, or 8 slots
-    (smaller sizes would cost more compile time than they save). The unwritten slots inside
+    (smaller sizes would cost more compile time than they save); a history of fewer than
+    65536 entries is read whole, which costs less than the choice. The unwritten slots inside
     that size must be zeros. ``count`` is an int or a 0-d integer array (the same for every
     sample); ``fn`` returns arrays whose shapes do not depend on the size.
     """
@@ -292,6 +297,8 @@ def with_history(problem: "Problem", buffers: Sequence[Any], count: Any, fn: Cal
     if not backend.traced:
         return fn(*(history_columns(problem, b, count) for b in buffers))
     m = int(buffers[0].shape[1])
+    if math.prod(buffers[0].shape) < _SMALL_HISTORY:
+        return fn(*buffers)  # a pass over a small history costs less than choosing its size
     sizes = sorted({min(2**i, m) for i in range(3, max(m - 1, 1).bit_length() + 1)} | {m})
     xp = problem.xp
     # the index of the smallest size >= count: how many sizes are smaller than count

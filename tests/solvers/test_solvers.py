@@ -169,8 +169,8 @@ def test_with_history_reads_the_written_slots_at_most_twice_over(be):
     from implicit_core.plugin import with_history
 
     xp = be.xp
-    host = np.zeros((2, 20, 3))
-    host[:, :11] = np.random.default_rng(0).standard_normal((2, 11, 3))
+    host = np.zeros((2, 20, 2048))  # (large enough to be read in parts under a trace)
+    host[:, :11] = np.random.default_rng(0).standard_normal((2, 11, 2048))
     problem = SimpleNamespace(backend=be, xp=xp)
     seen = []
 
