@@ -110,7 +110,14 @@ class Broyden(Solver):
         return LowRankInverse(U, V, xp, state["scale"], self.initial_inverse)
 
     def _write(self, problem, state, index, u, v, active):
-        slot = index % self._slots(state)
+        xp, be = problem.xp, problem.backend
+        m = self._slots(state)
+        slot = index % m
+        if not be.traced and bool(index < m):  # a column's first write: every row, zeros if stopped
+            for key, value in (("U", u), ("V", v)):
+                row = value if be.all_on_host(active) else xp.where(active[:, None], value, 0.0)
+                state[key] = be.at_set(state[key], (slice(None), slot, ...), row)
+            return
         state["U"] = write_row(problem, state["U"], slot, u, active)
         state["V"] = write_row(problem, state["V"], slot, v, active)
 
@@ -136,10 +143,13 @@ class Broyden(Solver):
         # No more rank-one slots than the solve can write (one per step, two with OPA).
         m = min(self.m, problem.max_steps * (2 if self.opa is not None else 1))
         shape = (batch, m, n)
-        # Zeros, not uninitialised memory: a sample that stops early never writes its later
-        # columns, and the inverse estimate handed to SHINE reads every column.
-        U = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
-        V = xp.zeros(shape, dtype=z0.dtype, device=be.device(z0))
+        # Eagerly, only the columns written so far are ever read (history_columns), and a
+        # column's first write fills every row (zeros for stopped samples): the buffers start
+        # uninitialised, which spares a fill and the memory of the columns a solve never
+        # reaches. Under a trace the products may read unwritten columns: zeros there.
+        allocate = xp.zeros if be.traced else xp.empty
+        U = allocate(shape, dtype=z0.dtype, device=be.device(z0))
+        V = allocate(shape, dtype=z0.dtype, device=be.device(z0))
         fz = problem.F(z0)
         # rank-one terms written so far, per sample (for slicing the estimate handed to SHINE)
         count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
