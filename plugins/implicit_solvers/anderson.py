@@ -66,21 +66,23 @@ class Anderson(Solver):
         slots = xp.arange(m, device=device)
         valid = slots < (k + 1)  # history slots filled so far, (m,)
         filled = xp.astype(valid, dtype)
+        current = xp.astype(slots == (k % m), dtype)  # the newest slot, one-hot (m,)
+        eye = xp.eye(m, dtype=dtype, device=device)
         diag = xp.linalg.diagonal(GG)
         # A floor of 10 eps keeps an exactly rank-deficient history (lam = 0) solvable.
         finfo = xp.finfo(dtype)
-        newest = xp.sum(diag * xp.astype(slots == (k % m), dtype)[None, :], axis=-1)
+        newest = xp.sum(diag * current[None, :], axis=-1)
         reg = max(self.lam, 10 * float(finfo.eps)) * newest + float(finfo.smallest_normal) ** 0.5
         # GG is zero outside the filled block; unfilled slots get 1 on the diagonal.
         shift = xp.where(valid[None, :], reg[:, None], 1.0)
-        A = GG + xp.eye(m, dtype=dtype, device=device)[None, ...] * shift[:, None, :]
-        ok = finite_rows(xp, A)
-        A = xp.where(ok[:, None, None], A, xp.eye(m, dtype=dtype, device=device))
+        A = GG + eye[None, ...] * shift[:, None, :]
+        # (a non-finite history row makes its diagonal entry non-finite: checking it suffices)
+        ok = finite_rows(xp, diag) & (xp.abs(reg) < float("inf"))
+        A = xp.where(ok[:, None, None], A, eye)
         y = solve_small(xp, A, xp.broadcast_to(filled[None, :, None], (A.shape[0], m, 1)))[..., 0]
         alpha = y / xp.sum(y, axis=-1, keepdims=True)
-        newest = xp.astype(slots == (k % m), dtype)[None, :]
         good = ok & finite_rows(xp, alpha)
-        alpha = xp.where(good[:, None], alpha, newest)  # fall back to a plain step
+        alpha = xp.where(good[:, None], alpha, current[None, :])  # fall back to a plain step
         z = xp.matmul(alpha[:, None, :], Fx)[:, 0, :]
         if self.beta != 1.0:
             z = z - (1.0 - self.beta) * xp.matmul(alpha[:, None, :], G)[:, 0, :]
