@@ -149,9 +149,8 @@ def _close(what: str, got: Any, want: np.ndarray, atol: float) -> None:
         raise ConformanceError(f"{what}: off by {err:.3g} (tolerance {atol:.1g})")
 
 
-def _solve(be: Backend, p: TanhProblem, dtype: str = "float64", **options: Any) -> tuple[Any, Any, tuple]:
-    from ._api import fixed_point
-
+def _arrays(be: Backend, p: TanhProblem, dtype: str = "float64") -> tuple[Any, tuple]:
+    """``(z0, args)`` of the problem as the backend's arrays of ``dtype``."""
     xp = be.xp
     args = tuple(xp.asarray(a.astype(dtype)) for a in p.args)
     if str(args[0].dtype).rsplit(".", 1)[-1] != dtype:
@@ -159,7 +158,14 @@ def _solve(be: Backend, p: TanhProblem, dtype: str = "float64", **options: Any) 
             f"xp.asarray of a {dtype} array gave {args[0].dtype}: the checks need {dtype} arrays "
             "(JAX: jax.config.update('jax_enable_x64', True) before any array exists)"
         )
-    z0 = xp.asarray(p.z0().astype(dtype))
+    return xp.asarray(p.z0().astype(dtype)), args
+
+
+def _solve(be: Backend, p: TanhProblem, dtype: str = "float64", args: Any = None, **options: Any) -> tuple[Any, Any, tuple]:
+    from ._api import fixed_point
+
+    z0, own = _arrays(be, p, dtype)
+    args = own if args is None else args
     options.setdefault("on_fail", "ignore")
     vjp = tanh_cell_vjp if be.explicit_vjp else None
     z, info = fixed_point(tanh_cell, z0, args, backend=be.name, vjp=vjp, **options)
@@ -290,27 +296,20 @@ def gradients(backend: Backend, gradient_of: Callable[[Callable[[Any], Any], Any
     passes ``gradient_of(solve, args, w) -> (dL/dW, dL/dc)``, computed with its framework for
     ``L = Σ w ⊙ solve(args)`` (torch: ``args`` with ``requires_grad``, then ``autograd.grad``).
     """
-    from ._api import fixed_point
-
     be = _usable(backend)
     p = tanh_problem()
     w = np.random.default_rng(3).standard_normal(p.z_star.shape)
-    z, info, args = _solve(be, p, gradient="ift", tol=1e-12, max_iter=300)
+    rule = {"gradient": "ift", "tol": 1e-12, "max_iter": 300}
     if gradient_of is not None:
-        z0 = be.xp.asarray(p.z0())
-
-        def solve(args: Any) -> Any:
-            return fixed_point(tanh_cell, z0, args, backend=be.name, gradient="ift", tol=1e-12, max_iter=300,
-                               vjp=tanh_cell_vjp if be.explicit_vjp else None, on_fail="ignore")[0]
-
-        got = gradient_of(solve, args, w)
-    elif getattr(info, "vjp", None) is not None:
-        got = info.vjp(be.xp.asarray(w))
+        got = gradient_of(lambda args: _solve(be, p, args=args, **rule)[0], _arrays(be, p)[1], w)
     else:
-        raise ConformanceError(
-            "the backend returns no info.vjp: pass gradient_of(solve, args, w) computing "
-            "dL/dargs of L = sum(w * solve(args)) with its framework's autodiff"
-        )
+        _, info, _ = _solve(be, p, **rule)
+        if getattr(info, "vjp", None) is None:
+            raise ConformanceError(
+                "the backend returns no info.vjp: pass gradient_of(solve, args, w) computing "
+                "dL/dargs of L = sum(w * solve(args)) with its framework's autodiff"
+            )
+        got = info.vjp(be.xp.asarray(w))
     for name, g, want in zip(("dL/dW", "dL/dc"), got, p.gradient(w)):
         _close(f"IFT {name}", _host(be, g), want, 1e-8)
 
