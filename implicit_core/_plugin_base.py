@@ -82,8 +82,8 @@ class Solver(_Configurable, abc.ABC):
 
     The state is a dict of arrays whose first axis is the batch; it must contain ``"z"``
     (the current iterate) and ``"fz"`` (``F(z)``, so that each step costs one evaluation).
-    The core loop measures residuals, freezes converged samples' results, keeps the best iterate and
-    decides when to stop, identically for every solver.
+    The core loop measures residuals, freezes converged samples' results, keeps the best
+    iterate and decides when to stop, identically for every solver.
     """
 
     #: True when :meth:`inverse_jacobian` returns a usable estimate (SHINE, Broyden reuse).
@@ -112,9 +112,10 @@ class Solver(_Configurable, abc.ABC):
 
         Histories (buffers with a slot per step) are written with :func:`write_row`, which
         changes only the rows of active samples, so an inverse estimate read after the solve
-        is the one each sample had when it stopped; :func:`history_columns` reads the slots
-        written so far. A stopped sample's other rows may go on changing: the loop keeps its
-        result, and masks back only a step that made a sample non-finite.
+        is the one each sample had when it stopped; :func:`with_history` runs products over
+        the slots written so far (on every backend, under ``jit`` too). A stopped sample's
+        other rows may go on changing: the loop keeps its result, and masks back only a step
+        that made a sample non-finite.
         """
 
     def inverse_jacobian(self, problem: "Problem", state: dict[str, Any]) -> "InverseJacobian":
