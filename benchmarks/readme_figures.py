@@ -90,9 +90,9 @@ def floor_table() -> str:
     backends = [b for b in floor.BACKENDS if importlib.util.find_spec(b) is not None]
     peers = all(importlib.util.find_spec(m) is not None for m in ("torchdeq", "jaxopt"))
     rows = floor.measure_all(backends, floor.SOLVERS, 256, 512, 15, peers, echo=lambda *_: None)
-    import torch
+    from implicit_demo.threads import default_threads
 
-    return f"{floor.title(256, 512, 15)}, {torch.get_num_threads()} thread(s)\n\n{floor.table(rows, peers)}"
+    return f"{floor.title(256, 512, 15)}, {default_threads()} thread(s)\n\n{floor.table(rows, peers)}"
 
 
 def substitute(name: str, body: str) -> None:

@@ -16,19 +16,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 EXAMPLE_BACKEND = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "array_api_backend_plugin")
 
 
+STRICT_INSTALLED = __import__("importlib.util").util.find_spec("array_api_strict") is not None
+
+
 def _register_example_backend() -> None:
     """The example third-party backend (array_api_strict: the array API standard and nothing
     more) joins the registered backends, so the whole suite also runs on it: proof that the
     core, the solvers and the estimators use standard operations only. Installed as a package
     it arrives through its entry point instead (tests/test_examples.py checks that path)."""
-    import importlib.util
-
-    if importlib.util.find_spec("array_api_strict") is None:
+    if not STRICT_INSTALLED:
         return
     import implicit_core as ic
 
-    if "strict" in {p.name for p in ic.plugins() if p.kind == "backend"}:
+    try:
+        ic.get_backend("strict")
         return  # installed, or registered already
+    except ic.UnknownPluginError:
+        pass
     if EXAMPLE_BACKEND not in sys.path:
         sys.path.insert(0, EXAMPLE_BACKEND)
     import implicit_strict

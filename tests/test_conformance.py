@@ -80,32 +80,35 @@ def test_a_backend_that_drops_writes_fails_the_suite():
         check_backend(Forgetful())
 
 
+class _FixedPointStep(Solver):
+    """``z <- step_map(state)``, one evaluation of ``F`` per step; subclasses break the contract."""
+
+    def init(self, problem, z0):
+        return {"z": z0, "fz": problem.F(z0)}
+
+    def step(self, problem, state, k, active):
+        z = self.step_map(state, k)
+        return {"z": z, "fz": problem.F(z)}
+
+
 @dataclass(eq=False)
-class EagerOnly(Solver):
+class EagerOnly(_FixedPointStep):
     """Branches in Python on the step counter: fine eagerly, impossible under jit."""
 
     name = "eager_only"
 
-    def init(self, problem, z0):
-        return {"z": z0, "fz": problem.F(z0)}
-
-    def step(self, problem, state, k, active):
-        z = state["fz"] if k > 0 else 0.5 * (state["z"] + state["fz"])
-        return {"z": z, "fz": problem.F(z)}
+    def step_map(self, state, k):
+        return state["fz"] if k > 0 else 0.5 * (state["z"] + state["fz"])
 
 
 @dataclass(eq=False)
-class Promoting(Solver):
+class Promoting(_FixedPointStep):
     """Mixes a NumPy float64 scalar into the state: a float32 solve comes back float64."""
 
     name = "promoting"
 
-    def init(self, problem, z0):
-        return {"z": z0, "fz": problem.F(z0)}
-
-    def step(self, problem, state, k, active):
-        z = np.float64(1.0) * state["fz"]
-        return {"z": z, "fz": problem.F(z)}
+    def step_map(self, state, k):
+        return np.float64(1.0) * state["fz"]
 
 
 def test_a_solver_with_python_control_flow_on_k_fails_under_jit():

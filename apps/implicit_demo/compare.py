@@ -37,8 +37,8 @@ def cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 def run_comparison(backends: Sequence[str], gradients: Sequence[str] = GRADIENTS, base: DemoConfig | None = None,
-              out: str | pathlib.Path = "implicit-core-compare", show_progress: bool = True,
-              echo: Any = print) -> list[dict[str, Any]]:
+                   out: str | pathlib.Path = "implicit-core-compare", show_progress: bool = True,
+                   echo: Any = print) -> list[dict[str, Any]]:
     """One row per backend × estimator; writes ``compare.csv``, ``compare.md`` and ``compare.png``."""
     base = base or DemoConfig(solver="broyden")  # SHINE and Broyden reuse need Broyden's inverse estimate
     out = pathlib.Path(out)
