@@ -37,7 +37,7 @@ def linear_solver_for(form: str) -> str:
 
 
 #: Options every solve understands, besides those routed to the solver or estimator.
-CALL_OPTIONS = ("vjp", "trace", "divergence", "higher_order")
+CALL_OPTIONS = ("vjp", "trace", "divergence", "higher_order", "jac_reg", "jac_seed")
 
 
 def fixed_point(
@@ -90,8 +90,12 @@ def fixed_point(
             ``trace=True`` (residual history), ``divergence=`` (stop a sample whose residual
             grows by this factor; ``None`` disables), ``higher_order=True`` (torch: record
             what second derivatives need, for ``create_graph=True``; one more evaluation of
-            ``f`` with a graph; JAX differentiates to every order without it), and options of the named solver or
-            gradient estimator (e.g. ``m=6`` for Anderson).
+            ``f`` with a graph; JAX differentiates to every order without it),
+            ``jac_reg=True`` (also set ``info.jac_loss``, the Jacobian penalty of
+            :func:`jacobian_regularisation` at ``z*``, with the probe seeded by ``jac_seed=``;
+            torch computes it from the graph the solve records anyway: no second evaluation
+            of ``f``), and options of the named solver or gradient estimator (e.g. ``m=6`` for
+            Anderson).
 
     Returns:
         ``(z_star, info)``; ``info`` is a :class:`SolveInfo`.
@@ -154,6 +158,11 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
     higher_order = options.pop("higher_order", False)
     if not isinstance(higher_order, bool):
         raise ConfigurationError(f"higher_order must be True or False, got {higher_order!r}")
+    jac_reg, jac_seed = options.pop("jac_reg", False), options.pop("jac_seed", 0)
+    if not isinstance(jac_reg, bool):
+        raise ConfigurationError(f"jac_reg must be True or False, got {jac_reg!r}")
+    if isinstance(jac_seed, bool) or not isinstance(jac_seed, numbers.Integral):
+        raise ConfigurationError(f"jac_seed must be an integer, got {jac_seed!r}")
     divergence = options.pop("divergence", 1e6)
     if divergence is not None and not (isinstance(divergence, (int, float)) and divergence > 1):
         raise ConfigurationError(f"divergence must be a number > 1 or None, got {divergence!r}")
@@ -169,6 +178,7 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
     problem = _build_problem(be, fn, z0, args, form, user_vjp, batched)
     problem.higher_order = higher_order
     problem.backward_reads_inverse = gradient_obj.requires_inverse
+    problem.jac_reg = jac_reg
     problem.config_key = _config_key(
         form, solver_obj, gradient_obj, tol, max_iter, stop_mode, on_fail, trace, divergence, higher_order,
         problem.layout,
@@ -228,6 +238,8 @@ def _run(form, fn, z0, args, solver, gradient, tol, max_iter, stop_mode, on_fail
         problem, z0_flat, forward, make_backward, with_jacobian=gradient_obj.uses_jacobian, make_tangent=make_tangent
     )
     info.gradient = gradient_obj.name
+    if jac_reg:
+        info.jac_loss = be.jacobian_penalty(problem, problem.flatten(z_out), int(jac_seed))
     be.report(info, on_fail)
     return z_out, info
 

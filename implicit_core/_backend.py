@@ -190,6 +190,16 @@ class Backend(abc.ABC):
         """
         return self.linearise(problem, z)(v)
 
+    def jacobian_penalty(self, problem: Any, z: Any, seed: int) -> Any:
+        """``||e^T J_F(z)||^2 / n`` per sample for a standard normal probe ``e`` (Hutchinson).
+
+        Differentiable with respect to the parameters of ``F`` on autodiff backends. A backend
+        that recorded a graph of ``F`` at ``z`` (in :meth:`attach`) may reuse it here.
+        """
+        xp = self.xp
+        jt = self.vjp_at(problem, self.stop_gradient(z), self.random_normal(z, seed), create_graph=True)
+        return xp.sum(jt * jt, axis=-1) / problem.layout.n
+
     def attach(
         self, problem: Any, z_star: Any, backward: Callable[..., Any], with_jacobian: bool = True
     ) -> tuple[Any, Any]:

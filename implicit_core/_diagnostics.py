@@ -26,11 +26,7 @@ def jacobian_regularisation(
     it is a value computed with the ``vjp=`` the user provides.
     """
     problem = _problem(f, z, args, backend, vjp)
-    be = problem.backend
-    z_flat = problem.flatten(z)
-    probe = be.random_normal(z_flat, seed)
-    jt = be.vjp_at(problem, z_flat, probe, create_graph=True)
-    return be.xp.sum(jt * jt, axis=-1) / problem.layout.n
+    return problem.backend.jacobian_penalty(problem, problem.flatten(z), seed)
 
 
 def spectral_radius(

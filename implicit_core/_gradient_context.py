@@ -77,8 +77,12 @@ class BackwardContext:
         max_iter: int | None = None,
         on_fail: str | None = None,
         stop_mode: str = "rel",
+        return_state: bool = False,
     ) -> Any:
         """Solve ``u = g + J^T u`` from ``u0``; the outcome is reported in ``info.backward``.
+
+        With ``return_state=True`` the result is ``(u, state)``, the solver's final state
+        beside the solution (e.g. to take one more quasi-Newton step without evaluating it).
 
         The default ``stop_mode="rel"`` stops a sample when ``||g + Jᵀu - u|| <= tol ·
         ||g + Jᵀu||``: ``u`` is linear in ``g``, so the gradient's accuracy must not depend on
@@ -88,14 +92,20 @@ class BackwardContext:
         g = self.g
         backend = self.problem.backend
         if self.differentiable is not None:
+            if return_state:
+                raise ConfigurationError(
+                    "solve_adjoint(return_state=True) is not available in a backward pass that is itself "
+                    "differentiated (create_graph=True): the solver's state has no derivative"
+                )
             # The value by the ordinary solve (no graph through the iterations); its derivative
             # is attached afterwards, by the implicit function theorem again.
             with backend.forward_context():
-                u = self._solve_adjoint_value(backend.stop_gradient(g), solver, u0, tol, max_iter, on_fail, stop_mode)
+                u = self._solve_adjoint_value(backend.stop_gradient(g), solver, u0, tol, max_iter, on_fail, stop_mode).z
             return self.differentiable.adjoint(u, g)
-        return self._solve_adjoint_value(g, solver, u0, tol, max_iter, on_fail, stop_mode)
+        result = self._solve_adjoint_value(g, solver, u0, tol, max_iter, on_fail, stop_mode)
+        return (result.z, result.state) if return_state else result.z
 
-    def _solve_adjoint_value(self, g, solver, u0, tol, max_iter, on_fail, stop_mode) -> Any:
+    def _solve_adjoint_value(self, g, solver, u0, tol, max_iter, on_fail, stop_mode) -> SolveResult:
         result = _solve_linear(
             self.problem, g, self._plain_JT, solver, self.problem.backend.stop_gradient(u0),
             tol=self.tol if tol is None else tol, max_iter=self.max_iter if max_iter is None else max_iter,
@@ -103,7 +113,7 @@ class BackwardContext:
         )
         self.backward_info = result.info  # before the report: info.backward says what failed
         self.problem.backend.report(result.info, self.on_fail if on_fail is None else on_fail, stage="backward")
-        return result.z
+        return result
 
 
 def solve_tangent(

@@ -45,6 +45,8 @@ class SolveInfo:
         backward: the :class:`SolveInfo` of the last backward solve (``ift``, refinements).
         extras: estimator reports, e.g. ``extras["fallback"]`` for ``shine``.
         vjp: on backends without autodiff, ``vjp(g) -> dL/dargs`` by the chosen estimator.
+        jac_loss: with ``jac_reg=True``, the per-sample Hutchinson estimate of
+            ``||df/dz||_F^2 / n`` at ``z*`` (differentiable on autodiff backends).
     """
 
     steps: Any
@@ -58,6 +60,7 @@ class SolveInfo:
     backward: "SolveInfo | None" = None
     extras: dict[str, Any] = field(default_factory=dict)
     vjp: Callable[[Any], Any] | None = None
+    jac_loss: Any = None
     to_python: Callable[[Any], Any] = field(default=lambda x: x.tolist(), repr=False)
 
     def _host(self, name: str) -> "np.ndarray":

@@ -82,6 +82,12 @@ class Problem:
     #: reuse): a solver that can make its estimate exact along the backward's directions
     #: (Broyden's adjoint update) does so by default.
     backward_reads_inverse: bool = False
+    #: The caller asked for the Jacobian penalty at ``z*`` (``jac_reg=True``): a backend that
+    #: records a graph of ``F`` at ``z*`` keeps it differentiable in ``z`` for that.
+    jac_reg: bool = False
+    #: A backend's own record of this solve (torch: the graph of ``F`` it recorded at ``z*``,
+    #: which :meth:`Backend.jacobian_penalty` reuses).
+    recorded: dict[str, Any] = field(default_factory=dict, repr=False)
     _checked: bool = field(default=False, repr=False)
 
     @property

@@ -39,3 +39,19 @@ def test_diagnostics_need_the_vjp_on_numpy():
         ic.spectral_radius(case.f, case.z0, case.args)
     with pytest.raises(ic.ConfigurationError, match="n_iter"):
         ic.spectral_radius(case.f, case.z0, case.args, vjp=case.vjp, n_iter=0)
+
+
+def test_the_solve_reports_the_jacobian_penalty_at_its_solution(be):
+    case = tanh_case(be, batch=4, n=6)
+    z, info = ic.fixed_point(case.f, case.z0, case.args, vjp=case.vjp, tol=1e-10, jac_reg=True, jac_seed=3)
+    separate = ic.jacobian_regularisation(case.f, z, case.args, vjp=case.vjp, seed=3)
+    np.testing.assert_allclose(host(be, info.jac_loss), host(be, separate), rtol=1e-12)
+    _, plain = ic.fixed_point(case.f, case.z0, case.args, vjp=case.vjp, tol=1e-10)
+    assert plain.jac_loss is None
+
+
+@pytest.mark.parametrize("bad", [dict(jac_reg=1), dict(jac_reg=True, jac_seed=1.5), dict(jac_reg=True, jac_seed=True)])
+def test_jacobian_penalty_options_are_checked(bad):
+    case = tanh_case(ic.get_backend("numpy"))
+    with pytest.raises(ic.ConfigurationError, match="jac_"):
+        ic.fixed_point(case.f, case.z0, case.args, vjp=case.vjp, **bad)

@@ -391,13 +391,14 @@ def _register_pytree() -> None:
     import jax
 
     def flatten(info: SolveInfo):
-        children = tuple(getattr(info, f) for f in _INFO_FIELDS) + (info.trace,)
+        children = tuple(getattr(info, f) for f in _INFO_FIELDS) + (info.trace, info.jac_loss)
         return children, (info.solver, info.gradient, info.to_python)
 
     def unflatten(aux, children):
         solver, gradient, to_python = aux
-        fields = dict(zip(_INFO_FIELDS, children[:-1]))
-        return SolveInfo(**fields, trace=children[-1], solver=solver, gradient=gradient, to_python=to_python)
+        fields = dict(zip(_INFO_FIELDS, children[:-2]))
+        return SolveInfo(**fields, trace=children[-2], jac_loss=children[-1], solver=solver, gradient=gradient,
+                         to_python=to_python)
 
     jax.tree_util.register_pytree_node(SolveInfo, flatten, unflatten)
 

@@ -125,6 +125,19 @@ class TorchBackend(Backend):
             (jt,) = torch.autograd.grad(out, z_in, v, create_graph=True, allow_unused=True)
         return torch.zeros_like(v) if jt is None else jt
 
+    def jacobian_penalty(self, problem, z: Any, seed: int) -> Any:
+        """From the graph of ``F`` that :meth:`attach` recorded at ``z*``, when there is one:
+        the penalty then costs its double-backward graph only, not another evaluation of ``F``."""
+        import torch
+
+        recorded = problem.recorded.get("graph")
+        if recorded is None or not torch.is_grad_enabled():
+            return super().jacobian_penalty(problem, z, seed)
+        z_in, out = recorded
+        probe = self.random_normal(out, seed)
+        (jt,) = torch.autograd.grad(out, z_in, probe, retain_graph=True, create_graph=True)
+        return (jt * jt).sum(-1) / problem.layout.n
+
     def attach(
         self, problem, z_star: Any, backward: Callable[..., Any], with_jacobian: bool = True
     ) -> tuple[Any, Any]:
@@ -146,7 +159,9 @@ class TorchBackend(Backend):
         # time keeps the backward consistent with the parameters of this call (e.g. under
         # torch.func.functional_call) and saves re-evaluating F in the backward.
         if z_in is None:
-            z_in, out = self._graph(problem, z_star, differentiable_in_z=with_jacobian)
+            z_in, out = self._graph(problem, z_star, differentiable_in_z=with_jacobian or problem.jac_reg)
+            if z_in.requires_grad:
+                problem.recorded["graph"] = (z_in, out)
         else:
             with torch.enable_grad():
                 out = problem.F(z_in)

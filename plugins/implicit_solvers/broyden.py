@@ -12,6 +12,8 @@ from implicit_core.plugin import bdot, bnorm, safe_divide
 from implicit_core.plugin import check_choice, check_positive_int, check_range, history_columns, with_history, write_row
 
 UPDATES = ("auto", "good", "adjoint")
+#: Rank-one columns an eager solve allocates before it needs more (then twice as many, up to m).
+INITIAL_SLOTS = 8
 
 
 @dataclass(eq=False)
@@ -87,9 +89,10 @@ class Broyden(Solver):
             self.max_growth = check_range("broyden", "max_growth", self.max_growth, 1.0, float("inf"), low_open=True)
 
     # ----------------------------------------------------------------- helpers
-    def _slots(self, state: dict[str, Any]) -> int:
-        """Rank-one slots of this solve's buffers (``m``, or fewer for a short solve)."""
-        return int(state["U"].shape[1])
+    def _slots(self, problem) -> int:
+        """Rank-one slots of this solve (``m``, or fewer for a short solve); at least one, for
+        a loop body traced whatever the budget."""
+        return max(1, min(self.m, problem.max_steps * (2 if self.opa is not None else 1)))
 
     def _update(self, problem) -> str:
         """The rule this solve uses (``"auto"`` resolved against what the backward reads)."""
@@ -111,15 +114,26 @@ class Broyden(Solver):
 
     def _write(self, problem, state, index, u, v, active):
         xp, be = problem.xp, problem.backend
-        m = self._slots(state)
+        m = self._slots(problem)
         slot = index % m
         if not be.traced and bool(index < m):  # a column's first write: every row, zeros if stopped
+            if int(index) >= int(state["U"].shape[1]):
+                self._grow(problem, state, m)
             for key, value in (("U", u), ("V", v)):
                 row = value if be.all_on_host(active) else xp.where(active[:, None], value, 0.0)
                 state[key] = be.at_set(state[key], (slice(None), slot, ...), row)
             return
         state["U"] = write_row(problem, state["U"], slot, u, active)
         state["V"] = write_row(problem, state["V"], slot, v, active)
+
+    def _grow(self, problem, state, m: int) -> None:
+        """Eagerly, twice the columns (at most ``m``), the written ones copied over."""
+        xp, be = problem.xp, problem.backend
+        for key in ("U", "V"):
+            old = state[key]
+            batch, written, n = old.shape
+            new = xp.empty((batch, min(m, 2 * written), n), dtype=old.dtype, device=be.device(old))
+            state[key] = be.at_set(new, (slice(None), slice(0, written), ...), old)
 
     def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None, y: Any = None) -> tuple[Any, Any]:
         """Rank-one terms making ``H_+^T J_g(z)^T s = s`` (``Hs``: ``H s``, ``y``: ``J_g(z)^T s``, if known)."""
@@ -141,15 +155,18 @@ class Broyden(Solver):
         xp, be = problem.xp, problem.backend
         batch, n = z0.shape
         # No more rank-one slots than the solve can write (one per step, two with OPA).
-        m = min(self.m, problem.max_steps * (2 if self.opa is not None else 1))
-        shape = (batch, m, n)
-        # Eagerly, only the columns written so far are ever read (history_columns), and a
-        # column's first write fills every row (zeros for stopped samples): the buffers start
-        # uninitialised, which spares a fill and the memory of the columns a solve never
-        # reaches. Under a trace the products may read unwritten columns: zeros there.
-        allocate = xp.zeros if be.traced else xp.empty
-        U = allocate(shape, dtype=z0.dtype, device=be.device(z0))
-        V = allocate(shape, dtype=z0.dtype, device=be.device(z0))
+        m = self._slots(problem)
+        if be.traced:  # fixed shapes: all m slots, zeros (the products may read unwritten ones)
+            U = xp.zeros((batch, m, n), dtype=z0.dtype, device=be.device(z0))
+        else:
+            # Eagerly, only the columns written so far are ever read (history_columns), and a
+            # column's first write fills every row (zeros for stopped samples): the buffers
+            # start uninitialised, with at most INITIAL_SLOTS columns, and double when a solve
+            # outgrows them. Memory then follows the steps taken (a DEQ solve of 12 steps keeps
+            # 16 columns of its m = 30) at the price of a copy of the columns written so far
+            # per doubling.
+            U = xp.empty((batch, min(m, INITIAL_SLOTS), n), dtype=z0.dtype, device=be.device(z0))
+        V = xp.empty_like(U) if not be.traced else xp.zeros_like(U)
         fz = problem.F(z0)
         # rank-one terms written so far, per sample (for slicing the estimate handed to SHINE)
         count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
@@ -238,8 +255,16 @@ class Broyden(Solver):
         state.update(z=z_new, fz=fz_new, Hg=Hg_next, count=state["count"] * 0 + (written + 1))
         return state
 
+    def next_iterate(self, state: dict[str, Any]) -> Any:
+        """The quasi-Newton step from ``state``, ``z - alpha H g(z)``, without evaluating ``F`` there.
+
+        ``H g(z)`` is carried in the state, so this costs one pass over ``z``: a solve whose
+        last step need not be measured (Broyden reuse's fixed budget) saves that evaluation.
+        """
+        return state["z"] - self.step_size * state["Hg"]
+
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
-        # Only the columns some sample wrote, copied: the backward then keeps those alive
-        # rather than the whole (batch, m, n) buffers.
-        U, V = (history_columns(problem, state[key], state["count"], copy=True) for key in ("U", "V"))
+        # The columns some sample wrote, as views: the buffers already hold at most twice those
+        # (they grow with the solve), and a trimmed copy would add to the forward's peak.
+        U, V = (history_columns(problem, state[key], state["count"]) for key in ("U", "V"))
         return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)

@@ -259,3 +259,18 @@ def test_repeated_eager_solves_compile_once_and_see_current_values(caplog):
         jax.config.update("jax_log_compiles", False)
     np.testing.assert_allclose(np.asarray(z2), np.asarray(jnp.tanh(0.5 * z2 @ W.T + c)), atol=1e-9)
     assert float(jnp.abs(z1 - z2).max()) > 1e-3
+
+
+def test_jacobian_penalty_under_jit_and_grad():
+    W, c = _problem()
+
+    def penalty(W, c, shared):
+        z, info = ic.fixed_point(_cell, jnp.zeros_like(c), (W, c), tol=1e-10, jac_reg=shared, jac_seed=5)
+        if shared:
+            return info.jac_loss.mean()
+        return ic.jacobian_regularisation(_cell, z, (W, c), seed=5).mean()
+
+    value, grad = jax.jit(jax.value_and_grad(penalty), static_argnums=2)(W, c, True)
+    value_sep, grad_sep = jax.value_and_grad(penalty)(W, c, False)
+    np.testing.assert_allclose(value, value_sep, rtol=1e-12)
+    np.testing.assert_allclose(grad, grad_sep, rtol=1e-10, atol=1e-14)

@@ -215,3 +215,41 @@ def test_deq_is_an_ordinary_module():
     assert names == {"cell.W", "cell.U", "cell.b"}
     assert "solver='broyden'" in repr(deq) and "gradient='shine'" in repr(deq)
     assert set(deq.state_dict()) == names
+
+
+def test_jacobian_penalty_reuses_the_recorded_graph():
+    """The same value and parameter gradients as a separate penalty, without evaluating the cell again."""
+    cell = TanhCell()
+    calls = []
+    cell.register_forward_hook(lambda *_: calls.append(1))
+    x = _x()
+    z, info = ic.fixed_point(cell, torch.zeros(3, 6, dtype=torch.float64), x, tol=1e-10, jac_reg=True, jac_seed=7)
+    with_penalty = len(calls)
+    _, plain = ic.fixed_point(cell, torch.zeros(3, 6, dtype=torch.float64), x, tol=1e-10)
+    assert with_penalty == len(calls) - with_penalty
+    separate = ic.jacobian_regularisation(cell, z, x, seed=7)
+    torch.testing.assert_close(info.jac_loss, separate, rtol=1e-12, atol=0)
+    shared_grad = torch.autograd.grad(info.jac_loss.sum(), [cell.W])[0]
+    separate_grad = torch.autograd.grad(separate.sum(), [cell.W])[0]
+    torch.testing.assert_close(shared_grad, separate_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_jacobian_penalty_on_a_subset_of_the_batch_is_unbiased():
+    """``jac_samples=k``: the penalty of k random samples estimates the same batch mean."""
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    A *= 0.3 / torch.linalg.matrix_norm(A, 2)
+    cell = lambda z, x: x[:, :1] * (z @ A.T) + x  # noqa: E731  (J = x_0 A: the samples differ)
+    deq = DEQ(cell, jac_reg=True, jac_samples=2, state_shape=(5,), tol=1e-10)
+    x = torch.tensor([[0.5], [1.0], [2.0], [3.0]], dtype=torch.float64) * torch.ones(4, 5, dtype=torch.float64)
+    torch.manual_seed(0)
+    estimates = []
+    for _ in range(600):
+        deq(x)
+        estimates.append(float(deq.jac_loss))
+    exact = float((x[:, 0] ** 2).mean() * (A * A).sum() / 5)
+    assert abs(sum(estimates) / len(estimates) - exact) < 0.05 * exact
+    with pytest.raises(ic.ConfigurationError, match="jac_samples"):
+        DEQ(cell, jac_reg=True, jac_samples=0)
+    with pytest.raises(ic.ConfigurationError, match="batched=False"):
+        DEQ(cell, jac_reg=True, jac_samples=2, batched=False)

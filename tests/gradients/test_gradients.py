@@ -242,3 +242,22 @@ def test_rel_stop_mode_uses_the_relative_residual(be):
     rel, absolute = host(be, info.rel_residual), host(be, info.residual)
     assert (rel <= 1e-6).all() and host(be, info.converged).all()
     assert not np.allclose(rel, absolute)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_broyden_reuse_costs_one_vjp_per_step(steps):
+    """Its last step is taken unmeasured: ``steps`` VJPs, plus the one that maps ``u`` to ``dL/dθ``."""
+    be = ic.get_backend("numpy")
+    case = tanh_case(be, batch=4, n=10, norm=0.9)
+    calls = []
+
+    def vjp(z, args, v):
+        calls.append(1)
+        return case.vjp(z, args, v)
+
+    z, info = ic.fixed_point(case.f, case.z0, case.args, solver="broyden", tol=1e-10, vjp=vjp,
+                             gradient=ic.get_gradient("broyden_reuse", steps=steps))
+    forward_calls = len(calls)
+    info.vjp(loss_weights(be, (4, 10)))
+    assert len(calls) - forward_calls == steps + 1
+    assert int(np.max(info.backward.steps)) == steps - 1

