@@ -12,8 +12,10 @@ from implicit_core.plugin import bdot, bnorm, safe_divide
 from implicit_core.plugin import check_choice, check_positive_int, check_range, history_columns, with_history, write_row
 
 UPDATES = ("auto", "good", "adjoint")
-#: Rank-one columns an eager solve allocates before it needs more (then twice as many, up to m).
-INITIAL_SLOTS = 8
+#: Rank-one columns an eager solve allocates up front (the other m - FIRST_SLOTS when it needs them).
+FIRST_SLOTS = 8
+#: The state's history buffers (the last two: None until a solve outgrows the first two).
+HISTORY = ("U", "V", "U_rest", "V_rest")
 
 
 @dataclass(eq=False)
@@ -63,7 +65,7 @@ class Broyden(Solver):
 
     name = "broyden"
     provides_inverse = True
-    row_masked = ("U", "V")
+    row_masked = HISTORY
 
     m: int = 30
     step_size: float = 1.0
@@ -106,34 +108,52 @@ class Broyden(Solver):
 
     def _current(self, problem, state, written) -> LowRankInverse:
         """``H`` before this step's update, over the columns written so far."""
-        U, V = (history_columns(problem, state[key], written) for key in ("U", "V"))
-        return self._inverse(state, U, V, problem.xp)
+        return self._with_history(problem, state, written, lambda *parts: self._inverse(state, problem.xp, *parts))
 
-    def _inverse(self, state, U, V, xp) -> LowRankInverse:
-        return LowRankInverse(U, V, xp, state["scale"], self.initial_inverse)
+    def _with_history(self, problem, state, written, fn):
+        """``fn(U, V, U_rest, V_rest)`` over the rank-one columns written so far.
+
+        Eagerly the history is two buffers: the first ``FIRST_SLOTS`` columns, and the other
+        ``m - FIRST_SLOTS`` allocated when a solve first needs them (``None`` before). A short
+        solve (most DEQ solves) then holds a few columns rather than ``m``, and a long one
+        exactly ``m``, with no copy. Under a trace the first buffer holds all ``m`` columns
+        (fixed shapes) and is read through :func:`with_history`.
+        """
+        if problem.backend.traced:
+            return with_history(problem, (state["U"], state["V"]), written, lambda U, V: fn(U, V, None, None))
+        first = int(state["U"].shape[1])
+        count = int(written)
+        U, V = (history_columns(problem, state[key], min(count, first)) for key in ("U", "V"))
+        if count <= first or state["U_rest"] is None:
+            return fn(U, V, None, None)
+        U_rest, V_rest = (history_columns(problem, state[key], count - first) for key in ("U_rest", "V_rest"))
+        return fn(U, V, U_rest, V_rest)
+
+    def _inverse(self, state, xp, U, V, U_rest=None, V_rest=None, scale=None) -> LowRankInverse:
+        H = LowRankInverse(U, V, xp, state["scale"] if scale is None else scale, self.initial_inverse)
+        return H if U_rest is None else LowRankInverse(U_rest, V_rest, xp, base=H)
 
     def _write(self, problem, state, index, u, v, active):
         xp, be = problem.xp, problem.backend
         m = self._slots(problem)
         slot = index % m
-        if not be.traced and bool(index < m):  # a column's first write: every row, zeros if stopped
-            if int(index) >= int(state["U"].shape[1]):
-                self._grow(problem, state, m)
-            for key, value in (("U", u), ("V", v)):
+        if be.traced:
+            state["U"] = write_row(problem, state["U"], slot, u, active)
+            state["V"] = write_row(problem, state["V"], slot, v, active)
+            return
+        first, slot = int(state["U"].shape[1]), int(slot)
+        keys = ("U", "V") if slot < first else ("U_rest", "V_rest")
+        if slot >= first:
+            slot -= first
+            if state["U_rest"] is None:  # the solve outgrew the first buffer: the rest of m
+                shape = (u.shape[0], m - first, u.shape[1])
+                state["U_rest"], state["V_rest"] = (xp.empty(shape, dtype=u.dtype, device=be.device(u)) for _ in "UV")
+        for key, value in zip(keys, (u, v)):
+            if bool(index < m):  # a column's first write: every row, zeros if stopped
                 row = value if be.all_on_host(active) else xp.where(active[:, None], value, 0.0)
                 state[key] = be.at_set(state[key], (slice(None), slot, ...), row)
-            return
-        state["U"] = write_row(problem, state["U"], slot, u, active)
-        state["V"] = write_row(problem, state["V"], slot, v, active)
-
-    def _grow(self, problem, state, m: int) -> None:
-        """Eagerly, twice the columns (at most ``m``), the written ones copied over."""
-        xp, be = problem.xp, problem.backend
-        for key in ("U", "V"):
-            old = state[key]
-            batch, written, n = old.shape
-            new = xp.empty((batch, min(m, 2 * written), n), dtype=old.dtype, device=be.device(old))
-            state[key] = be.at_set(new, (slice(None), slice(0, written), ...), old)
+            else:
+                state[key] = write_row(problem, state[key], slot, value, active)
 
     def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None, y: Any = None) -> tuple[Any, Any]:
         """Rank-one terms making ``H_+^T J_g(z)^T s = s`` (``Hs``: ``H s``, ``y``: ``J_g(z)^T s``, if known)."""
@@ -158,21 +178,19 @@ class Broyden(Solver):
         m = self._slots(problem)
         if be.traced:  # fixed shapes: all m slots, zeros (the products may read unwritten ones)
             U = xp.zeros((batch, m, n), dtype=z0.dtype, device=be.device(z0))
+            V = xp.zeros_like(U)
         else:
             # Eagerly, only the columns written so far are ever read (history_columns), and a
             # column's first write fills every row (zeros for stopped samples): the buffers
-            # start uninitialised, with at most INITIAL_SLOTS columns, and double when a solve
-            # outgrows them. Memory then follows the steps taken (a DEQ solve of 12 steps keeps
-            # 16 columns of its m = 30) at the price of a copy of the columns written so far
-            # per doubling.
-            U = xp.empty((batch, min(m, INITIAL_SLOTS), n), dtype=z0.dtype, device=be.device(z0))
-        V = xp.empty_like(U) if not be.traced else xp.zeros_like(U)
+            # start uninitialised, the first FIRST_SLOTS columns only (see _with_history).
+            U = xp.empty((batch, min(m, FIRST_SLOTS), n), dtype=z0.dtype, device=be.device(z0))
+            V = xp.empty_like(U)
         fz = problem.F(z0)
         # rank-one terms written so far, per sample (for slicing the estimate handed to SHINE)
         count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
         # (with an initial inverse, that estimate takes the place of s I: the scale is unused)
         scale = xp.full((batch,), -1.0, dtype=z0.dtype, device=be.device(z0))
-        state = {"z": z0, "fz": fz, "U": U, "V": V, "count": count, "scale": scale}
+        state = {"z": z0, "fz": fz, "U": U, "V": V, "U_rest": None, "V_rest": None, "count": count, "scale": scale}
         state["Hg"] = self._current(problem, state, 0).matvec(fz - z0)
         return state
 
@@ -193,9 +211,10 @@ class Broyden(Solver):
                 u, v = self._adjoint_terms(problem, H, z, e)
                 updated = dict(state)  # a traced branch must not write into the enclosing state
                 self._write(problem, updated, written, u, v, active)
-                return updated["U"], updated["V"]
+                return tuple(updated[key] for key in HISTORY)
 
-            state["U"], state["V"] = be.cond(fires, opa_update, lambda: (state["U"], state["V"]))
+            kept = tuple(state[key] for key in HISTORY)
+            state.update(zip(HISTORY, be.cond(fires, opa_update, lambda: kept)))
             written = written + xp.astype(fires, written.dtype)
         # H g(z) is carried from the previous step (updated for its rank-one term below);
         # after an OPA update it is recomputed.
@@ -203,7 +222,7 @@ class Broyden(Solver):
         if self.opa is None:
             Hgz = state["Hg"]
         else:
-            Hgz = with_history(problem, (state["U"], state["V"]), written, lambda U, V: self._inverse(state, U, V, xp).matvec(g))
+            Hgz = self._current(problem, state, written).matvec(g)
         dz = -self.step_size * Hgz
         z_new = z + dz
         adjoint, y = self._update(problem) == "adjoint", None
@@ -214,9 +233,9 @@ class Broyden(Solver):
             fz_new = problem.F(z_new)
         g_new = fz_new - z_new
 
-        def rank_one(U, V):
+        def rank_one(*history):
             """This step's rank-one term, from the written columns of the history."""
-            H = self._inverse(state, U, V, xp)
+            H = self._inverse(state, xp, *history)
             Hg_new = H.matvec(g_new)
             scale, Hg = state["scale"], Hgz
             if self.scale_initial and self.initial_inverse is None:
@@ -230,7 +249,7 @@ class Broyden(Solver):
                     return scale + delta, Hg + delta[:, None] * g, Hg_new + delta[:, None] * g_new
 
                 scale, Hg, Hg_new = be.cond(k == 0, refit, lambda: (scale, Hg, Hg_new))
-                H = LowRankInverse(U, V, xp, scale, self.initial_inverse)
+                H = self._inverse(state, xp, *history, scale=scale)
             if not adjoint:
                 Hdg = Hg_new - Hg  # linearity saves a pass over the buffers
                 u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
@@ -239,7 +258,7 @@ class Broyden(Solver):
                 u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new, y=y)
             return scale, Hg, Hg_new, u, v
 
-        state["scale"], Hgz, Hg_new, u, v = with_history(problem, (state["U"], state["V"]), written, rank_one)
+        state["scale"], Hgz, Hg_new, u, v = self._with_history(problem, state, written, rank_one)
         self._write(problem, state, written, u, v, active)
         # (H + u v^T) g_new, without another pass over the buffers
         Hg_next = Hg_new + u * bdot(xp, v, g_new)[:, None]
@@ -264,7 +283,7 @@ class Broyden(Solver):
         return state["z"] - self.step_size * state["Hg"]
 
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
-        # The columns some sample wrote, as views: the buffers already hold at most twice those
-        # (they grow with the solve), and a trimmed copy would add to the forward's peak.
-        U, V = (history_columns(problem, state[key], state["count"]) for key in ("U", "V"))
-        return LowRankInverse(U, V, problem.xp, state["scale"], self.initial_inverse)
+        # The columns some sample wrote, as views (a trimmed copy would add to the forward's
+        # peak; the buffers already follow the steps taken, see _with_history).
+        count = state["count"] if problem.backend.traced else int(problem.xp.max(state["count"]))
+        return self._current(problem, state, count)
