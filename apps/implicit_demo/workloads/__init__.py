@@ -23,7 +23,7 @@ WORKLOADS: dict[str, tuple[str, str, str]] = {
     "mdeq": (".mdeq", "torch", "Multiscale convolutional DEQ on the digit images (torch, Broyden forward, rel. tol 1e-3)"),
     "transformer": (".transformer", "torch",
                     "Weight-tied transformer DEQ, character-level LM on Python's docstrings (torch, Broyden forward, "
-                    "rel. tol 1e-3, Jacobian regularisation)"),
+                    "rel. tol 1e-3, Jacobian regularisation on 8 of 32 windows)"),
     "hyperparameter": (".hyperparameter", "numpy",
                        "Bi-level tuning of 31 per-feature L2 penalties of a logistic regression (numpy, Broyden inner "
                        "solve to 1e-8, 40 outer steps)"),
