@@ -107,7 +107,11 @@ class Broyden(Solver):
         return (k > 0) & (k % self.opa_freq == 0)
 
     def _current(self, problem, state, written) -> LowRankInverse:
-        """``H`` before this step's update, over the columns written so far."""
+        """``H`` before this step's update, over the columns written so far (under a trace: all
+        ``m``, zeros where unwritten; products that should cost what was written go through
+        :meth:`_with_history`, whose branches return arrays)."""
+        if problem.backend.traced:
+            return self._inverse(state, problem.xp, state["U"], state["V"])
         return self._with_history(problem, state, written, lambda *parts: self._inverse(state, problem.xp, *parts))
 
     def _with_history(self, problem, state, written, fn):
@@ -222,7 +226,7 @@ class Broyden(Solver):
         if self.opa is None:
             Hgz = state["Hg"]
         else:
-            Hgz = self._current(problem, state, written).matvec(g)
+            Hgz = self._with_history(problem, state, written, lambda *h: self._inverse(state, xp, *h).matvec(g))
         dz = -self.step_size * Hgz
         z_new = z + dz
         adjoint, y = self._update(problem) == "adjoint", None

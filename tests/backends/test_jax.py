@@ -274,3 +274,19 @@ def test_jacobian_penalty_under_jit_and_grad():
     value_sep, grad_sep = jax.value_and_grad(penalty)(W, c, False)
     np.testing.assert_allclose(value, value_sep, rtol=1e-12)
     np.testing.assert_allclose(grad, grad_sep, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("opa", [False, True])
+def test_broyden_with_a_long_history_under_jit(opa):
+    """A history of more than 65536 entries is read in size buckets under a trace (with_history)."""
+    W, c = _problem(batch=64, n=48, norm=0.9)
+    solver = ic.get_solver("broyden", m=30, opa=(lambda z: z) if opa else None)
+
+    def loss(W, c):
+        z, _ = ic.fixed_point(_cell, jnp.zeros_like(c), (W, c), solver=solver, gradient="shine", tol=1e-9, max_iter=60)
+        return jnp.sum(z**2)
+
+    value, grad = jax.jit(jax.value_and_grad(loss))(W, c)
+    eager_value = loss(W, c)
+    np.testing.assert_allclose(value, eager_value, rtol=1e-10)
+    assert np.isfinite(np.asarray(grad)).all()
