@@ -221,6 +221,8 @@ def test_broyden_history_follows_the_solve_without_changing_it(be, monkeypatch):
     them (never copied); the iterates are those of a single buffer, OPA and wrap-around included."""
     import implicit_solvers.broyden as broyden
 
+    if be.traced:
+        pytest.skip("under a trace the history is one buffer of m columns (fixed shapes)")
     case = tanh_case(be, n=12, norm=0.95)
     runs = {}
     for first in (3, 64):
@@ -248,7 +250,7 @@ def test_broyden_history_follows_the_solve_without_changing_it(be, monkeypatch):
     for max_iter in (2, 60):  # a short solve never allocates the rest
         ic.fixed_point(case.f, case.z0, case.args, solver=ic.get_solver("broyden", m=20), tol=1e-10, max_iter=max_iter,
                        on_fail="ignore")
-    assert allocated == ([] if be.traced else [2, 3, 17, 17])  # (V: empty_like(U))
+    assert allocated == [2, 3, 17, 17]  # (V: empty_like(U))
 
 
 @settings(max_examples=25, deadline=None)
