@@ -35,17 +35,27 @@ class LowRankInverse:
     xp: Any
     scale: Any = -1.0
     base: "LowRankInverse | None" = None
+    #: When the terms belong to some samples only (a continuation written while the others had
+    #: stopped): ``(rows, slots)``, ``U, V`` of shape ``(len(rows), m, n)`` for the samples
+    #: ``rows``, and ``slots[i]`` the row of sample ``i`` in them, or ``len(rows)`` (no terms).
+    rows: Any = None
 
     def _apply(self, left: Any, right: Any, x: Any, transpose: bool) -> Any:
         xp = self.xp
-        # Row-vector products, (batch, 1, n) @ (batch, n, m): torch runs a batched
-        # matrix @ column-vector on CPU several times slower than this form.
-        coeff = xp.matmul(x[:, None, :], xp.matrix_transpose(right))  # (batch, 1, m)
         if self.base is not None:
             initial = self.base.rmatvec(x) if transpose else self.base.matvec(x)
         else:
             initial = -x if isinstance(self.scale, float) and self.scale == -1.0 else self.scale_rows(x)
-        return initial + xp.matmul(coeff, left)[:, 0, :]
+        if self.rows is not None:
+            rows, slots = self.rows
+            x = xp.take(x, rows, axis=0)
+        # Row-vector products, (batch, 1, n) @ (batch, n, m): torch runs a batched
+        # matrix @ column-vector on CPU several times slower than this form.
+        coeff = xp.matmul(x[:, None, :], xp.matrix_transpose(right))  # (batch, 1, m)
+        terms = xp.matmul(coeff, left)[:, 0, :]
+        if self.rows is not None:  # back to the whole batch: zeros for the other samples
+            terms = xp.take(xp.concat([terms, xp.zeros_like(terms[:1, ...])], axis=0), slots, axis=0)
+        return initial + terms
 
     def scale_rows(self, x: Any) -> Any:
         """``s x`` (the initial-inverse part of ``H``) for ``(batch, n)`` rows ``x``."""
@@ -60,7 +70,7 @@ class LowRankInverse:
     @property
     def T(self) -> "LowRankInverse":
         """The transpose ``H^T = H0^T + V^T U``, itself low-rank of the same form."""
-        return LowRankInverse(self.V, self.U, self.xp, self.scale, None if self.base is None else self.base.T)
+        return LowRankInverse(self.V, self.U, self.xp, self.scale, None if self.base is None else self.base.T, self.rows)
 
     @property
     def rank(self) -> int:

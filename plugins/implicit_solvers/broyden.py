@@ -14,8 +14,8 @@ from implicit_core.plugin import check_choice, check_positive_int, check_range, 
 UPDATES = ("auto", "good", "adjoint")
 #: Rank-one columns an eager solve allocates up front (the other m - FIRST_SLOTS when it needs them).
 FIRST_SLOTS = 8
-#: The state's history buffers (the last two: None until a solve outgrows the first two).
-HISTORY = ("U", "V", "U_rest", "V_rest")
+#: The state's history (all but U, V: None until a solve outgrows the first buffers).
+HISTORY = ("U", "V", "U_rest", "V_rest", "rest_rows", "rest_slots")
 
 
 @dataclass(eq=False)
@@ -135,7 +135,10 @@ class Broyden(Solver):
 
     def _inverse(self, state, xp, U, V, U_rest=None, V_rest=None, scale=None) -> LowRankInverse:
         H = LowRankInverse(U, V, xp, state["scale"] if scale is None else scale, self.initial_inverse)
-        return H if U_rest is None else LowRankInverse(U_rest, V_rest, xp, base=H)
+        if U_rest is None:
+            return H
+        rows = None if state["rest_rows"] is None else (state["rest_rows"], state["rest_slots"])
+        return LowRankInverse(U_rest, V_rest, xp, base=H, rows=rows)
 
     def _write(self, problem, state, index, u, v, active):
         xp, be = problem.xp, problem.backend
@@ -149,15 +152,30 @@ class Broyden(Solver):
         keys = ("U", "V") if slot < first else ("U_rest", "V_rest")
         if slot >= first:
             slot -= first
-            if state["U_rest"] is None:  # the solve outgrew the first buffer: the rest of m
-                shape = (u.shape[0], m - first, u.shape[1])
-                state["U_rest"], state["V_rest"] = (xp.empty(shape, dtype=u.dtype, device=be.device(u)) for _ in "UV")
+            if state["U_rest"] is None:
+                self._allocate_rest(problem, state, active, m - first, u)
+            if state["rest_rows"] is not None:  # the rest holds the samples then running only
+                u, v, active = (xp.take(a, state["rest_rows"], axis=0) for a in (u, v, active))
         for key, value in zip(keys, (u, v)):
             if bool(index < m):  # a column's first write: every row, zeros if stopped
                 row = value if be.all_on_host(active) else xp.where(active[:, None], value, 0.0)
                 state[key] = be.at_set(state[key], (slice(None), slot, ...), row)
             else:
                 state[key] = write_row(problem, state[key], slot, value, active)
+
+    def _allocate_rest(self, problem, state, active, columns: int, like) -> None:
+        """The solve outgrew the first buffer: the other columns of ``m``, for the samples still
+        running (a stopped sample writes no more terms; in a DEQ batch most stop early)."""
+        xp, be = problem.xp, problem.backend
+        batch, n = like.shape
+        device = be.device(like)
+        if not be.all_on_host(active):
+            rows = xp.nonzero(active)[0]
+            position = xp.cumulative_sum(xp.astype(active, rows.dtype)) - 1  # of each running sample
+            state["rest_rows"] = rows
+            state["rest_slots"] = xp.where(active, position, int(rows.shape[0]))
+            batch = int(rows.shape[0])
+        state["U_rest"], state["V_rest"] = (xp.empty((batch, columns, n), dtype=like.dtype, device=device) for _ in "UV")
 
     def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None, y: Any = None) -> tuple[Any, Any]:
         """Rank-one terms making ``H_+^T J_g(z)^T s = s`` (``Hs``: ``H s``, ``y``: ``J_g(z)^T s``, if known)."""
@@ -194,7 +212,7 @@ class Broyden(Solver):
         count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
         # (with an initial inverse, that estimate takes the place of s I: the scale is unused)
         scale = xp.full((batch,), -1.0, dtype=z0.dtype, device=be.device(z0))
-        state = {"z": z0, "fz": fz, "U": U, "V": V, "U_rest": None, "V_rest": None, "count": count, "scale": scale}
+        state = {"z": z0, "fz": fz, "U": U, "V": V, "U_rest": None, "V_rest": None, "rest_rows": None, "rest_slots": None, "count": count, "scale": scale}
         state["Hg"] = self._current(problem, state, 0).matvec(fz - z0)
         return state
 
