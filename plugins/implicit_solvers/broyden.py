@@ -118,10 +118,11 @@ class Broyden(Solver):
         """``fn(U, V, U_rest, V_rest)`` over the rank-one columns written so far.
 
         Eagerly the history is two buffers: the first ``FIRST_SLOTS`` columns, and the other
-        ``m - FIRST_SLOTS`` allocated when a solve first needs them (``None`` before). A short
-        solve (most DEQ solves) then holds a few columns rather than ``m``, and a long one
-        exactly ``m``, with no copy. Under a trace the first buffer holds all ``m`` columns
-        (fixed shapes) and is read through :func:`with_history`.
+        ``m - FIRST_SLOTS`` allocated when a solve first needs them (``None`` before), for the
+        samples running at that point only. A short solve then holds a few columns rather than
+        ``m``, and a batch whose slowest samples run long holds ``m`` columns for those only,
+        with no copy. Under a trace the first buffer holds all ``m`` columns (fixed shapes)
+        and is read through :func:`with_history`.
         """
         if problem.backend.traced:
             return with_history(problem, (state["U"], state["V"]), written, lambda U, V: fn(U, V, None, None))
