@@ -46,7 +46,7 @@ class DEQ(torch.nn.Module):
         jac_samples: estimate the penalty on this many samples of the batch, drawn at random
             each call (an unbiased estimate of the same batch mean): its double-backward graph
             then costs that fraction of the batch's, for a noisier estimate. A transformer DEQ
-            (32 windows, penalty on 8): one training step's peak memory 16.4 -> 12.0 MB.
+            (32 windows, penalty on 8): one training step's peak memory 16.4 -> 12.1 MB.
         **options: solver/estimator options (``m=5``, ``k=5``, ...), ``trace``, ``divergence``,
             ``higher_order=True`` (second derivatives: ``create_graph=True`` through the layer)
             and ``batched=False`` (the whole state is one system).

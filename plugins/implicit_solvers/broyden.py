@@ -213,7 +213,8 @@ class Broyden(Solver):
         count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
         # (with an initial inverse, that estimate takes the place of s I: the scale is unused)
         scale = xp.full((batch,), -1.0, dtype=z0.dtype, device=be.device(z0))
-        state = {"z": z0, "fz": fz, "U": U, "V": V, "U_rest": None, "V_rest": None, "rest_rows": None, "rest_slots": None, "count": count, "scale": scale}
+        state = {"z": z0, "fz": fz, "count": count, "scale": scale, "U": U, "V": V}
+        state.update(dict.fromkeys(HISTORY[2:]))  # (allocated when a solve outgrows U and V)
         state["Hg"] = self._current(problem, state, 0).matvec(fz - z0)
         return state
 
