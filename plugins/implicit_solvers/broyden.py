@@ -157,9 +157,13 @@ class Broyden(Solver):
                 self._allocate_rest(problem, state, active, m - first, u)
             if state["rest_rows"] is not None:  # the rest holds the samples then running only
                 u, v, active = (xp.take(a, state["rest_rows"], axis=0) for a in (u, v, active))
+        # A column's first write fills every row, zeros where stopped (one host read of each
+        # flag for both buffers).
+        first_write = bool(index < m)
+        everyone = first_write and be.all_on_host(active)
         for key, value in zip(keys, (u, v)):
-            if bool(index < m):  # a column's first write: every row, zeros if stopped
-                row = value if be.all_on_host(active) else xp.where(active[:, None], value, 0.0)
+            if first_write:
+                row = value if everyone else xp.where(active[:, None], value, 0.0)
                 state[key] = be.at_set(state[key], (slice(None), slot, ...), row)
             else:
                 state[key] = write_row(problem, state[key], slot, value, active)
