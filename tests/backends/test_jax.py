@@ -66,10 +66,11 @@ def test_vmap_over_a_batch_of_problems():
     Ws = jnp.stack([_problem(seed=s)[0] for s in range(3)])
     c = _problem()[1]
     layer = _layer("anderson", tol=1e-10, max_iter=100)
-    batched = jax.vmap(layer, in_axes=(0, None))(Ws, c)
+    batched = jax.jit(jax.vmap(layer, in_axes=(0, None)))(Ws, c)
+    single = jax.jit(layer)  # compiled once for the three problems
     for i in range(3):
-        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(layer(Ws[i], c)), atol=1e-12)
-    grads = jax.vmap(jax.grad(lambda W, c: jnp.sum(layer(W, c))), in_axes=(0, None))(Ws, c)
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single(Ws[i], c)), atol=1e-12)
+    grads = jax.jit(jax.vmap(jax.grad(lambda W, c: jnp.sum(layer(W, c))), in_axes=(0, None)))(Ws, c)
     one = jax.jit(jax.grad(lambda W: jnp.sum(layer(W, c))))  # compiled once for the three problems
     for i in range(3):
         np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(one(Ws[i])), atol=1e-10)
@@ -138,10 +139,11 @@ def test_pytree_state_and_args_and_closure_capture():
         z, _ = ic.fixed_point(lambda z, p: cell(z, {"W": W, "V": p}), z0, V, tol=1e-12, max_iter=200)
         return jnp.sum(z["a"] ** 2) + jnp.sum(z["b"])
 
-    g_args = jax.grad(loss_args)({"W": W, "V": V})
+    g_args = jax.jit(jax.grad(loss_args))({"W": W, "V": V})
     g_closure = jax.jit(jax.grad(loss_closure))(W)
     np.testing.assert_allclose(np.asarray(g_closure), np.asarray(g_args["W"]), atol=1e-10)
-    check_grads(loss_closure, (W,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
+    # (jitted: check_grads evaluates the loss at many points, each an eager trace otherwise)
+    check_grads(jax.jit(loss_closure), (W,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
 
 
 def test_nested_in_a_scan():
