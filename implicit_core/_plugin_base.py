@@ -179,8 +179,25 @@ def check_choice(owner: str, key: str, value: Any, choices: tuple[str, ...]) -> 
 
 def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: Any, axis: int = 1) -> Any:
     """``buffer[:, slot] = value`` (``slot`` on ``axis``) for active samples only, in place where
-    the backend allows; ``slot`` is an int or a 0-d integer array (e.g. ``k % m``)."""
+    the backend allows; ``slot`` is an int or a 0-d integer array (e.g. ``k % m``).
+
+    ``buffer`` may be a history kept in blocks (a tuple, see :func:`history_block_widths`):
+    ``slot`` then counts across the blocks, and the block holding it is written.
+    """
     xp = problem.xp
+    if isinstance(buffer, tuple):
+        blocks, start = [], 0
+        for block in buffer:
+            width = int(block.shape[axis])
+            if isinstance(slot, int):
+                inside = start <= slot < start + width
+                blocks.append(write_row(problem, block, slot - start, value, active, axis) if inside else block)
+            else:  # (a traced slot: every block writes one row, unchanged outside the one holding it)
+                inside = (slot >= start) & (slot < start + width)
+                local = xp.clip(slot - start, 0, width - 1)
+                blocks.append(write_row(problem, block, local, value, active & inside, axis))
+            start += width
+        return tuple(blocks)
     index = (slice(None),) * axis + (slot, ...)
     if problem.backend.all_on_host(active):
         return problem.backend.at_set(buffer, index, value)
@@ -282,6 +299,28 @@ def history_columns(problem: "Problem", buffer: Any, count: Any, copy: bool = Fa
 _SMALL_HISTORY = 2**16
 
 
+def _history_sizes(m: int) -> list[int]:
+    """``8, 16, 32, ..., m``: the column counts a traced history is read in."""
+    return sorted({min(2**i, m) for i in range(3, max(m - 1, 1).bit_length() + 1)} | {m})
+
+
+def history_block_widths(problem: "Problem", shape: Sequence[int]) -> tuple[int, ...]:
+    """The widths of the blocks a ``(batch, m, ...)`` history of this ``shape`` is best kept in.
+
+    Under a trace: ``8, 8, 16, 32, ...`` (the last one cut at ``m``), so that the first
+    ``8, 16, 32, ..., m`` columns are whole blocks, which :func:`with_history` reads without
+    slicing (XLA copies a slice of the middle axis before a product: that copy, per step, cost
+    more than the product). One block of ``m`` eagerly (slices are views there) and for a
+    history of fewer than 65536 entries (read whole). Keep the blocks as a tuple of
+    ``(batch, width, ...)`` arrays; :func:`write_row` and :func:`with_history` take it.
+    """
+    m = int(shape[1])
+    if not problem.backend.traced or math.prod(shape) < _SMALL_HISTORY:
+        return (m,)
+    sizes = _history_sizes(m)
+    return tuple(b - a for a, b in zip([0, *sizes[:-1]], sizes))
+
+
 def with_history(problem: "Problem", buffers: Sequence[Any], count: Any, fn: Callable[..., Any]) -> Any:
     """``fn(*slices)`` on the slots ``[:, :count]`` of ``(batch, m, ...)`` histories written so far.
 
@@ -293,19 +332,31 @@ def with_history(problem: "Problem", buffers: Sequence[Any], count: Any, fn: Cal
     65536 entries is read whole, which costs less than the choice. The unwritten slots inside
     that size must be zeros. ``count`` is an int or a 0-d integer array (the same for every
     sample); ``fn`` returns arrays whose shapes do not depend on the size.
+
+    Histories kept in blocks (tuples, :func:`history_block_widths`) are read the same way
+    without slicing: ``fn`` then receives, for each history, the tuple of its first blocks.
     """
     backend = problem.backend
-    if not backend.traced:
-        return fn(*(history_columns(problem, b, count) for b in buffers))
-    m = int(buffers[0].shape[1])
-    if math.prod(buffers[0].shape) < _SMALL_HISTORY:
-        return fn(*buffers)  # a pass over a small history costs less than choosing its size
-    sizes = sorted({min(2**i, m) for i in range(3, max(m - 1, 1).bit_length() + 1)} | {m})
+    blocked = isinstance(buffers[0], tuple)
+    if blocked:
+        if len(buffers[0]) == 1 or not backend.traced:
+            return fn(*buffers)
+        widths = [int(block.shape[1]) for block in buffers[0]]
+        sizes = [sum(widths[: i + 1]) for i in range(len(widths))]
+    else:
+        if not backend.traced:
+            return fn(*(history_columns(problem, b, count) for b in buffers))
+        m = int(buffers[0].shape[1])
+        if math.prod(buffers[0].shape) < _SMALL_HISTORY:
+            return fn(*buffers)  # a pass over a small history costs less than choosing its size
+        sizes = _history_sizes(m)
     xp = problem.xp
     # the index of the smallest size >= count: how many sizes are smaller than count
     index = sum(xp.astype(count > s, xp.int32) for s in sizes[:-1]) if len(sizes) > 1 else 0
 
-    def branch(size: int) -> Callable[[], Any]:
-        return lambda: fn(*(b[:, :size, ...] for b in buffers))
+    def branch(i: int) -> Callable[[], Any]:
+        if blocked:
+            return lambda: fn(*(b[: i + 1] for b in buffers))
+        return lambda: fn(*(b[:, : sizes[i], ...] for b in buffers))
 
-    return backend.switch(index, [branch(s) for s in sizes])
+    return backend.switch(index, [branch(i) for i in range(len(sizes))])

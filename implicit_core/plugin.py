@@ -16,7 +16,7 @@ Contents:
   :class:`LowRankInverse`;
 * batched helpers written with ``xp`` only: :func:`bdot`, :func:`bnorm`, :func:`safe_divide`,
   :func:`finite_rows`, :func:`solve_small`, :func:`expand_mask`, :func:`select`,
-  :func:`write_row`, :func:`history_columns`, :func:`with_history`;
+  :func:`write_row`, :func:`history_columns`, :func:`history_block_widths`, :func:`with_history`;
 * option validators that raise :class:`ConfigurationError` with the plugin's name:
   :func:`check_positive_int`, :func:`check_range`, :func:`check_choice`;
 * the hook markers :data:`hookimpl` / :data:`hookspec`.
@@ -32,7 +32,8 @@ from ._linear import InverseJacobian, LowRankInverse
 from ._loop import SolveResult
 from ._ops import bdot, bnorm, expand_mask, finite_rows, safe_divide, select, solve_small
 from ._plugin_base import (
-    GradientEstimator, Solver, check_choice, check_positive_int, check_range, history_columns, with_history, write_row,
+    GradientEstimator, Solver, check_choice, check_positive_int, check_range, history_block_widths, history_columns,
+    with_history, write_row,
 )
 from ._problem import Problem
 from .hookspecs import hookimpl, hookspec
@@ -41,7 +42,8 @@ __all__ = [
     "Backend", "ExplicitVJPBackend", "Solver", "GradientEstimator",
     "Problem", "BackwardContext", "SolveResult",
     "InverseJacobian", "LowRankInverse",
-    "bdot", "bnorm", "safe_divide", "finite_rows", "solve_small", "expand_mask", "select", "write_row", "history_columns", "with_history",
+    "bdot", "bnorm", "safe_divide", "finite_rows", "solve_small", "expand_mask", "select",
+    "write_row", "history_columns", "history_block_widths", "with_history",
     "check_positive_int", "check_range", "check_choice",
     "ConfigurationError", "PluginError", "hookimpl", "hookspec",
 ]

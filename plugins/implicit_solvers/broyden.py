@@ -10,11 +10,13 @@ from implicit_core.plugin import ConfigurationError
 from implicit_core.plugin import LowRankInverse
 from implicit_core.plugin import bdot, bnorm, safe_divide
 from implicit_core.plugin import check_choice, check_positive_int, check_range, history_columns, with_history, write_row
+from implicit_core.plugin import history_block_widths
 
 UPDATES = ("auto", "good", "adjoint")
 #: Rank-one columns an eager solve allocates up front (the other m - FIRST_SLOTS when it needs them).
 FIRST_SLOTS = 8
-#: The state's history (all but U, V: None until a solve outgrows the first buffers).
+#: The state's history (all but U, V: None until a solve outgrows the first buffers; under a
+#: trace U and V are tuples of blocks, see ``history_block_widths``, and the others None).
 HISTORY = ("U", "V", "U_rest", "V_rest", "rest_rows", "rest_slots")
 
 
@@ -108,8 +110,8 @@ class Broyden(Solver):
 
     def _current(self, problem, state, written) -> LowRankInverse:
         """``H`` before this step's update, over the columns written so far (under a trace: all
-        ``m``, zeros where unwritten; products that should cost what was written go through
-        :meth:`_with_history`, whose branches return arrays)."""
+        ``m`` blocks, zeros where unwritten; products that should cost what was written go
+        through :meth:`_with_history`, whose branches return arrays)."""
         if problem.backend.traced:
             return self._inverse(state, problem.xp, state["U"], state["V"])
         return self._with_history(problem, state, written, lambda *parts: self._inverse(state, problem.xp, *parts))
@@ -121,8 +123,8 @@ class Broyden(Solver):
         ``m - FIRST_SLOTS`` allocated when a solve first needs them (``None`` before), for the
         samples running at that point only. A short solve then holds a few columns rather than
         ``m``, and a batch whose slowest samples run long holds ``m`` columns for those only,
-        with no copy. Under a trace the first buffer holds all ``m`` columns (fixed shapes)
-        and is read through :func:`with_history`.
+        with no copy. Under a trace ``U`` and ``V`` hold all ``m`` columns (fixed shapes) in
+        blocks of 8, 8, 16, ... columns, of which :func:`with_history` reads the first few.
         """
         if problem.backend.traced:
             return with_history(problem, (state["U"], state["V"]), written, lambda U, V: fn(U, V, None, None))
@@ -135,7 +137,13 @@ class Broyden(Solver):
         return fn(U, V, U_rest, V_rest)
 
     def _inverse(self, state, xp, U, V, U_rest=None, V_rest=None, scale=None) -> LowRankInverse:
-        H = LowRankInverse(U, V, xp, state["scale"] if scale is None else scale, self.initial_inverse)
+        scale = state["scale"] if scale is None else scale
+        if isinstance(U, tuple):  # blocks (traced): each continues the estimate of those before
+            H = LowRankInverse(U[0], V[0], xp, scale, self.initial_inverse)
+            for U_block, V_block in zip(U[1:], V[1:]):
+                H = LowRankInverse(U_block, V_block, xp, base=H)
+            return H
+        H = LowRankInverse(U, V, xp, scale, self.initial_inverse)
         if U_rest is None:
             return H
         rows = None if state["rest_rows"] is None else (state["rest_rows"], state["rest_slots"])
@@ -204,8 +212,9 @@ class Broyden(Solver):
         # No more rank-one slots than the solve can write (one per step, two with OPA).
         m = self._slots(problem)
         if be.traced:  # fixed shapes: all m slots, zeros (the products may read unwritten ones)
-            U = xp.zeros((batch, m, n), dtype=z0.dtype, device=be.device(z0))
-            V = xp.zeros_like(U)
+            widths = history_block_widths(problem, (batch, m, n))
+            U = tuple(xp.zeros((batch, w, n), dtype=z0.dtype, device=be.device(z0)) for w in widths)
+            V = tuple(xp.zeros_like(block) for block in U)
         else:
             # Eagerly, only the columns written so far are ever read (history_columns), and a
             # column's first write fills every row (zeros for stopped samples): the buffers

@@ -183,6 +183,39 @@ def test_with_history_reads_the_written_slots_at_most_twice_over(be):
     assert seen == ([8, 16, 20] if be.traced else [11])
 
 
+def test_history_blocks_are_written_and_read_like_one_buffer(be):
+    """A history kept in blocks (traced: 8, 8, 16, ... columns): ``write_row`` with an int or an
+    array slot writes the block holding it, ``with_history`` reads whole first blocks only."""
+    from types import SimpleNamespace
+
+    from implicit_core.plugin import history_block_widths, with_history, write_row
+
+    xp = be.xp
+    problem = SimpleNamespace(backend=be, xp=xp)
+    shape = (2, 20, 2048)
+    widths = history_block_widths(problem, shape)
+    assert widths == ((8, 8, 4) if be.traced else (20,))
+    assert history_block_widths(problem, (2, 20, 16)) == (20,)  # a small history: one block
+    blocks = tuple(xp.zeros((2, w, 2048), dtype=xp.float64) for w in widths)
+    rows = np.random.default_rng(0).standard_normal((11, 2, 2048))
+    active = xp.asarray(np.array([True, False]))
+    for slot in range(11):
+        index = slot if slot % 2 else xp.asarray(slot, dtype=xp.int32)
+        blocks = write_row(problem, blocks, index, xp.asarray(rows[slot]), active)
+    expected = np.zeros(shape)
+    expected[0, :11] = rows[:, 0]
+    np.testing.assert_array_equal(np.concatenate([case_host(be, b) for b in blocks], axis=1), expected)
+    seen = []
+
+    def total(U):
+        seen.append(sum(int(b.shape[1]) for b in U))
+        return sum(xp.sum(b, axis=1) for b in U)
+
+    out = with_history(problem, (blocks,), xp.asarray(11, dtype=xp.int32), total)
+    np.testing.assert_allclose(case_host(be, out), expected.sum(axis=1), atol=1e-12)
+    assert seen == ([8, 16, 20] if be.traced else [20])
+
+
 def test_best_iterate_is_returned(be):
     """A map that overshoots after converging: the returned point is the lowest-residual one."""
     case = tanh_case(be, batch=2)
@@ -222,7 +255,7 @@ def test_broyden_history_follows_the_solve_without_changing_it(be, monkeypatch):
     import implicit_solvers.broyden as broyden
 
     if be.traced:
-        pytest.skip("under a trace the history is one buffer of m columns (fixed shapes)")
+        pytest.skip("under a trace the history holds all m columns from the start (fixed shapes)")
     case = tanh_case(be, n=12, norm=0.95)
     # Samples that stop at once (zero input), early (a small one) and late: the later columns
     # are allocated for the samples still running.
