@@ -96,7 +96,13 @@ class Solver(_Configurable, abc.ABC):
 
     @abc.abstractmethod
     def init(self, problem: "Problem", z0: Any) -> dict[str, Any]:
-        """Initial state from ``z0`` (evaluates ``F(z0)`` once)."""
+        """Initial state from ``z0`` (evaluates ``F(z0)`` once).
+
+        The state is a dict holding at least the iterate ``z`` and ``fz = F(z)``, flat
+        ``(batch, n)``. A solver that computes the residual ``g = fz - z`` for itself may keep
+        it as ``g`` (exactly ``fz - z``, for the ``z`` and ``fz`` beside it): the loop then
+        measures convergence on it instead of computing it again.
+        """
 
     @abc.abstractmethod
     def step(self, problem: "Problem", state: dict[str, Any], k: Any, active: Any) -> dict[str, Any]:
@@ -181,10 +187,15 @@ def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: An
     """``buffer[:, slot] = value`` (``slot`` on ``axis``) for active samples only, in place where
     the backend allows; ``slot`` is an int or a 0-d integer array (e.g. ``k % m``).
 
-    ``buffer`` may be a history kept in blocks (a tuple, see :func:`history_block_widths`):
-    ``slot`` then counts across the blocks, and the block holding it is written.
+    ``active`` is the ``(batch,)`` mask of the samples to write, or ``None`` for all of them (a
+    solver writing several histories per step can ask ``problem.backend.all_on_host(active)``
+    once instead of once per write). ``buffer`` may be a history kept in blocks (a tuple, see
+    :func:`history_block_widths`): ``slot`` then counts across the blocks, and the block
+    holding it is written.
     """
     xp = problem.xp
+    if active is None and not isinstance(slot, int) and isinstance(buffer, tuple):
+        active = xp.ones((value.shape[0],), dtype=xp.bool, device=problem.backend.device(value))
     if isinstance(buffer, tuple):
         blocks, start = [], 0
         for block in buffer:
@@ -199,7 +210,7 @@ def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: An
             start += width
         return tuple(blocks)
     index = (slice(None),) * axis + (slot, ...)
-    if problem.backend.all_on_host(active):
+    if active is None or problem.backend.all_on_host(active):
         return problem.backend.at_set(buffer, index, value)
     # (reading a slot given as an array: ``take``, since the array API indexes with integers only)
     old = buffer[index] if isinstance(slot, int) else xp.squeeze(xp.take(buffer, xp.reshape(slot, (1,)), axis=axis), axis=axis)
@@ -227,12 +238,14 @@ def call_plugin(plugin: Any, method: str, *args: Any) -> Any:
 
 
 def check_solver_state(solver: Any, method: str, state: Any, like: Any) -> Any:
-    """A solver's state must be a dict with ``z`` and ``fz`` shaped and typed like the iterate."""
+    """A solver's state must be a dict with ``z`` and ``fz`` (and, optionally, ``g``) shaped and
+    typed like the iterate."""
     if not isinstance(state, dict) or "z" not in state or "fz" not in state:
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise PluginError(f"{_describe(solver)}: {method}() must return a dict with 'z' and 'fz', got {got}")
-    for key in ("z", "fz"):
-        check_like(solver, f"{method}()[{key!r}]", state[key], like)
+    for key in ("z", "fz", "g"):
+        if key in state:
+            check_like(solver, f"{method}()[{key!r}]", state[key], like)
     return state
 
 

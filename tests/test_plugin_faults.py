@@ -30,6 +30,7 @@ class Faulty(ic.Solver):
             "missing_fz": lambda: {"z": state["fz"]},
             "wrong_shape": lambda: {"z": state["z"][:, :3], "fz": state["fz"][:, :3]},
             "wrong_dtype": lambda: {"z": xp.astype(state["fz"], xp.float32), "fz": xp.astype(state["fz"], xp.float32)},
+            "wrong_residual": lambda: {"z": state["fz"], "fz": problem.F(state["fz"]), "g": state["fz"][:, :3]},
             "step_raises": lambda: 1 / 0,
         }[self.fault]()
 
@@ -49,6 +50,7 @@ SOLVER_FAULTS = [
     ("missing_fz", "must return a dict with 'z' and 'fz', got \\['z'\\]"),
     ("wrong_shape", "step\\(\\)\\['z'\\] has shape \\(5, 3\\)"),
     ("wrong_dtype", "step\\(\\)\\['z'\\] has shape \\(5, 8\\) and dtype (\\w+\\.)?float32; expected"),
+    ("wrong_residual", "step\\(\\)\\['g'\\] has shape \\(5, 3\\)"),
     ("step_raises", "raised ZeroDivisionError in step\\(\\)"),
     ("init_raises", "raised ZeroDivisionError in init\\(\\): bug in init"),
 ]
@@ -75,6 +77,29 @@ def test_faulty_solver_is_named_and_the_others_still_work(be, faulty_plugins, fa
         ic.fixed_point(case.f, case.z0, case.args, solver=ic.get_solver("faulty", fault=fault), vjp=case.vjp)
     z, info = ic.fixed_point(case.f, case.z0, case.args, solver="anderson", tol=1e-8, vjp=case.vjp)
     assert host(be, info.converged).all()
+
+
+@dataclasses.dataclass(eq=False)
+class MisreportedResidual(ic.Solver):
+    """Fixed-point steps whose state claims a zero residual ``g``."""
+
+    name = "misreported_residual"
+
+    def init(self, problem, z0):
+        return {"z": z0, "fz": problem.F(z0), "g": z0 * 0}
+
+    def step(self, problem, state, k, active):
+        return {"z": state["fz"], "fz": problem.F(state["fz"]), "g": state["fz"] * 0}
+
+
+def test_a_residual_the_solver_misreports_is_caught_by_the_recheck(be):
+    """The loop measures convergence on the solver's own ``g``; the final re-check on the
+    returned batch does not take its word: no sample is reported converged."""
+    case = tanh_case(be)
+    z, info = ic.fixed_point(case.f, case.z0, case.args, solver=MisreportedResidual(), tol=1e-8, on_fail="ignore")
+    assert not host(be, info.converged).any()
+    assert (host(be, info.status) == 5).all()  # met tol while iterating, not when re-measured
+    assert (host(be, info.residual) > 1e-3).all()
 
 
 @pytest.mark.parametrize("fault, message", GRADIENT_FAULTS, ids=[f for f, _ in GRADIENT_FAULTS])

@@ -56,7 +56,7 @@ class Anderson(Solver):
         G = be.at_set(xp.zeros((batch, m, n), dtype=z0.dtype, device=device), (slice(None), 0, ...), g)
         GG = xp.zeros((batch, m, m), dtype=z0.dtype, device=device)
         GG = be.at_set(GG, (slice(None), 0, 0), bdot(xp, g, g))
-        return {"z": z0, "fz": fz, "F": Fx, "G": G, "GG": GG}
+        return {"z": z0, "fz": fz, "g": g, "F": Fx, "G": G, "GG": GG}
 
     def step(self, problem, state, k, active) -> dict[str, Any]:
         xp, be = problem.xp, problem.backend
@@ -89,10 +89,11 @@ class Anderson(Solver):
         fz = problem.F(z)
         g = fz - z
         slot = (k + 1) % m
-        Fx = write_row(problem, Fx, slot, fz, active)
-        G = write_row(problem, G, slot, g, active)
+        writing = None if be.all_on_host(active) else active  # (one host read for the four writes)
+        Fx = write_row(problem, Fx, slot, fz, writing)
+        G = write_row(problem, G, slot, g, writing)
         # <G_j, g> for every slot, the new one included (row-vector form: see LowRankInverse)
         row = xp.matmul(g[:, None, :], xp.matrix_transpose(G))[:, 0, :]
-        GG = write_row(problem, GG, slot, row, active, axis=1)
-        GG = write_row(problem, GG, slot, row, active, axis=2)
-        return {"z": z, "fz": fz, "F": Fx, "G": G, "GG": GG}
+        GG = write_row(problem, GG, slot, row, writing, axis=1)
+        GG = write_row(problem, GG, slot, row, writing, axis=2)
+        return {"z": z, "fz": fz, "g": g, "F": Fx, "G": G, "GG": GG}

@@ -168,13 +168,13 @@ class Broyden(Solver):
         # A column's first write fills every row, zeros where stopped (one host read of each
         # flag for both buffers).
         first_write = bool(index < m)
-        everyone = first_write and be.all_on_host(active)
+        everyone = be.all_on_host(active)
         for key, value in zip(keys, (u, v)):
             if first_write:
                 row = value if everyone else xp.where(active[:, None], value, 0.0)
                 state[key] = be.at_set(state[key], (slice(None), slot, ...), row)
             else:
-                state[key] = write_row(problem, state[key], slot, value, active)
+                state[key] = write_row(problem, state[key], slot, value, None if everyone else active)
 
     def _allocate_rest(self, problem, state, active, columns: int, like) -> None:
         """The solve outgrew the first buffer: the other columns of ``m``, for the samples still
@@ -226,9 +226,9 @@ class Broyden(Solver):
         count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
         # (with an initial inverse, that estimate takes the place of s I: the scale is unused)
         scale = xp.full((batch,), -1.0, dtype=z0.dtype, device=be.device(z0))
-        state = {"z": z0, "fz": fz, "count": count, "scale": scale, "U": U, "V": V}
+        state = {"z": z0, "fz": fz, "g": fz - z0, "count": count, "scale": scale, "U": U, "V": V}
         state.update(dict.fromkeys(HISTORY[2:]))  # (allocated when a solve outgrows U and V)
-        state["Hg"] = self._current(problem, state, 0).matvec(fz - z0)
+        state["Hg"] = self._current(problem, state, 0).matvec(state["g"])
         return state
 
     def step(self, problem, state, k, active) -> dict[str, Any]:
@@ -255,7 +255,7 @@ class Broyden(Solver):
             written = written + xp.astype(fires, written.dtype)
         # H g(z) is carried from the previous step (updated for its rank-one term below);
         # after an OPA update it is recomputed.
-        g = fz - z
+        g = state["g"]
         if self.opa is None:
             Hgz = state["Hg"]
         else:
@@ -307,8 +307,9 @@ class Broyden(Solver):
             if not be.all_on_host(~grown):  # (eager CPU: skip three passes when no step grew)
                 z_new = xp.where(grown[:, None], z, z_new)
                 fz_new = xp.where(grown[:, None], fz, fz_new)
+                g_new = xp.where(grown[:, None], g, g_new)
                 Hg_next = xp.where(grown[:, None], Hgz + u * bdot(xp, v, g)[:, None], Hg_next)
-        state.update(z=z_new, fz=fz_new, Hg=Hg_next, count=state["count"] * 0 + (written + 1))
+        state.update(z=z_new, fz=fz_new, g=g_new, Hg=Hg_next, count=state["count"] * 0 + (written + 1))
         return state
 
     def next_iterate(self, state: dict[str, Any]) -> Any:
