@@ -94,6 +94,22 @@ class Backend(abc.ABC):
         """
         return False if self.traced else bool(self.xp.all(mask))
 
+    def host_view(self, x: Any) -> Any:
+        """A NumPy view of ``x`` where that costs no transfer and no copy (eager CPU arrays), else ``None``.
+
+        The solve loop keeps its per-sample bookkeeping (status, step counts, best residuals:
+        ``(batch,)`` arrays) in NumPy when the residuals have such a view: a NumPy operation
+        on a few hundred numbers costs a microsecond, a framework's eager dispatch several.
+        ``None`` (the default: traced, device and unknown arrays) keeps it in the backend's
+        own arrays.
+        """
+        return None
+
+    def from_host(self, a: Any, like: Any) -> Any:
+        """The backend array for the NumPy array ``a`` (zero-copy where the library allows),
+        placed like ``like``; used only where :meth:`host_view` gave a view."""
+        return self.xp.asarray(a, device=self.device(like))
+
     def to_python(self, x: Any) -> Any:
         """A host-side Python scalar / nested list (for messages and summaries only)."""
         return x.tolist() if hasattr(x, "tolist") else x

@@ -209,6 +209,15 @@ def arrays(backend: Backend) -> None:
     mask = xp.asarray(np.array([True, False]))
     if be.all_on_host(mask):
         raise ConformanceError("all_on_host() answered True for a mask with a False entry")
+    view = be.host_view(x)
+    if view is not None:  # (the solve loop then keeps its bookkeeping in NumPy)
+        if not isinstance(view, np.ndarray):
+            raise ConformanceError(f"host_view(x) must be a numpy.ndarray or None, got {type(view).__name__}")
+        _close("host_view(x)", view, host, 0.0)
+        back = be.from_host(np.array([1, 0, 2], dtype=np.int32), x)
+        if not be.owns(back) or be.device(back) != be.device(x):
+            raise ConformanceError("from_host(a, like) must return the backend's array on like's device")
+        _close("from_host(a, like)", _host(be, back), np.array([1, 0, 2]), 0.0)
 
 
 def at_set(backend: Backend) -> None:

@@ -22,6 +22,12 @@ class NumpyBackend(ExplicitVJPBackend):
     def namespace(self) -> Any:
         return xp_numpy
 
+    def host_view(self, x: Any) -> Any:
+        return x
+
+    def from_host(self, a: Any, like: Any) -> Any:
+        return a
+
     def while_loop(self, cond: Callable[[Any], Any], body: Callable[[Any], Any], carry: Any) -> Any:
         # The loop detects non-finite values and reports them per sample; NumPy's floating-point
         # warnings about the same values (one per kernel) would only bury that report.

@@ -34,6 +34,19 @@ class TorchBackend(Backend):
         # On CUDA, reading the flag would synchronise the device: take the masked path.
         return mask.device.type == "cpu" and bool(mask.all())
 
+    def host_view(self, x: Any) -> Any:
+        # CPU tensors share their memory with NumPy (not bfloat16, which NumPy lacks).
+        import torch
+
+        if x.device.type != "cpu" or x.dtype == torch.bfloat16:
+            return None
+        return x.detach().numpy()
+
+    def from_host(self, a: Any, like: Any) -> Any:
+        import torch
+
+        return torch.from_numpy(a)
+
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
 
