@@ -121,11 +121,8 @@ def measure(solve, params, X, w, repeat):
     return out
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--markdown")
-    opts = parser.parse_args(argv)
+def measure_table(repeat=10, echo=print):
+    """Every pairing on every library; return ``(title, markdown table)``."""
     ref = reference_arrays()
     params = tuple(jnp.asarray(ref[k], jnp.float32) for k in ("W", "U", "b"))
     X = jnp.asarray(ref["X"], jnp.float32)
@@ -134,25 +131,34 @@ def main(argv=None):
     lines = ["| solver | tool | compile s (fwd / v&g) | forward ms | value-and-grad ms | steps max | ratio forward | ratio v&g |",
              "|---|---|---|---|---|---|---|---|"]
     for label, mine, others in PAIRINGS:
-        a = measure(mine, params, X, w, opts.repeat)
+        a = measure(mine, params, X, w, repeat)
         lines.append(f"| {label} | implicit-core | {a['forward_compile_s']:.2f} / {a['value_and_grad_compile_s']:.2f} | "
                      f"{a['forward_ms']:.1f} | {a['value_and_grad_ms']:.1f} | {a['steps']} | | |")
-        print(lines[-1], flush=True)
+        echo(lines[-1])
         for tool, make in others:
-            b = measure(make(), params, X, w, opts.repeat)
+            b = measure(make(), params, X, w, repeat)
             lines.append(f"| | {tool} | {b['forward_compile_s']:.2f} / {b['value_and_grad_compile_s']:.2f} | "
                          f"{b['forward_ms']:.1f} | {b['value_and_grad_ms']:.1f} | {b['steps']} | "
                          f"**{a['forward_ms'] / b['forward_ms']:.2f}** | **{a['value_and_grad_ms'] / b['value_and_grad_ms']:.2f}** |")
-            print(lines[-1], flush=True)
-    ift = measure(PAIRINGS[2][1], params, X, w, opts.repeat)
+            echo(lines[-1])
+    ift = measure(PAIRINGS[2][1], params, X, w, repeat)
     for label, mine in EXTRA_GRADIENTS:
-        a = measure(mine, params, X, w, opts.repeat)
+        a = measure(mine, params, X, w, repeat)
         lines.append(f"| {label} | implicit-core | {a['forward_compile_s']:.2f} / {a['value_and_grad_compile_s']:.2f} | "
                      f"{a['forward_ms']:.1f} | {a['value_and_grad_ms']:.1f} | {a['steps']} | | "
                      f"{a['value_and_grad_ms'] / ift['value_and_grad_ms']:.2f} of our IFT |")
-        print(lines[-1], flush=True)
+        echo(lines[-1])
     title = f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); ours / theirs"
-    report(title, "\n".join(lines), opts.markdown)
+    return title, "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--markdown")
+    opts = parser.parse_args(argv)
+    title, body = measure_table(opts.repeat, echo=lambda line: print(line, flush=True))
+    report(title, body, opts.markdown)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md"]
+PAGES = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "torch.md", ROOT / "docs" / "jax.md"]
 IMAGES = ROOT / "docs" / "images"
-SECTIONS = ("demo", "digits", "mdeq", "transformer", "hyperparameter", "floor")
+SECTIONS = ("demo", "digits", "mdeq", "transformer", "hyperparameter", "floor", "torchdeq", "jaxopt")
 
 
 def machine() -> str:
@@ -95,6 +95,17 @@ def floor_table() -> str:
     return f"{floor.title(256, 512, 15)}, {default_threads()} thread(s)\n\n{floor.table(rows, peers)}"
 
 
+def peer_table(name: str) -> str:
+    """``benchmarks/torch_vs_torchdeq.py`` (``torchdeq``) or ``jax_vs_optimistix_jaxopt.py`` (``jaxopt``), CPU."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    if name == "torchdeq":
+        import torch_vs_torchdeq as peer
+    else:
+        import jax_vs_optimistix_jaxopt as peer
+    title, body = peer.measure_table(echo=lambda *_: None)
+    return f"{title}\n\n{body}"
+
+
 def substitute(name: str, body: str) -> None:
     pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(<!-- /figures:{name} -->)", re.S)
     for page in PAGES:
@@ -117,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     stamp = f"*Measured {machine()}; regenerate with `python benchmarks/readme_figures.py --only SECTION`.*"
     for name in chosen:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        table = {"demo": demo_table, "digits": digits_table, "floor": floor_table}.get(name, lambda: workload_table(name))()
+        measure = {"demo": demo_table, "digits": digits_table, "floor": floor_table,
+                   "torchdeq": lambda: peer_table("torchdeq"), "jaxopt": lambda: peer_table("jaxopt")}
+        table = measure.get(name, lambda: workload_table(name))()
         substitute(name, f"{stamp}\n\n{table}\n")
     return 0
 

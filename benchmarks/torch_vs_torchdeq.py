@@ -180,6 +180,28 @@ def table(rows):
     return "\n".join(lines)
 
 
+def measure_table(device="cpu", repeat=10, cases=None, echo=print):
+    """Run every case on both libraries; return ``(title, markdown table)``."""
+    device = torch.device(device)
+    ref = reference_arrays()
+    reference = exact_ift_grad_W(ref, device)
+    rows = []
+    for solver, mode in cases or CASES:
+        a = measure(ours, ref, solver, mode, device, repeat)
+        b = measure(torchdeq, ref, solver, mode, device, repeat)
+        for r in (a, b):
+            r["cosine"] = cosine(r.pop("grad_W"), reference)
+        rows.append((solver, mode, a, b))
+        echo(f"{solver:12s} {mode:14s} forward {a['forward_ms']:7.1f} / {b['forward_ms']:7.1f} ms  "
+             f"backward {a['backward_ms']:7.1f} / {b['backward_ms']:7.1f} ms  steps {a['steps_max']:.0f} / "
+             f"{b['steps_max']:.0f}  peak {a['peak_mb']:.1f} / {b['peak_mb']:.1f} MiB  "
+             f"cosine {a['cosine']:.4f} / {b['cosine']:.4f}")
+    title = (f"torch {torch.__version__} on {device.type}"
+             f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+             f"{torch.get_num_threads()} threads; ours / TorchDEQ")
+    return title, table(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -187,25 +209,9 @@ def main(argv=None):
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--cases", nargs="*", help="solver:gradient pairs to run (default: all)")
     opts = parser.parse_args(argv)
-    device = torch.device(opts.device)
-    ref = reference_arrays()
-    reference = exact_ift_grad_W(ref, device)
-    cases = [tuple(c.split(":")) for c in opts.cases] if opts.cases else CASES
-    rows = []
-    for solver, mode in cases:
-        a = measure(ours, ref, solver, mode, device, opts.repeat)
-        b = measure(torchdeq, ref, solver, mode, device, opts.repeat)
-        for r in (a, b):
-            r["cosine"] = cosine(r.pop("grad_W"), reference)
-        rows.append((solver, mode, a, b))
-        print(f"{solver:12s} {mode:14s} forward {a['forward_ms']:7.1f} / {b['forward_ms']:7.1f} ms  "
-              f"backward {a['backward_ms']:7.1f} / {b['backward_ms']:7.1f} ms  steps {a['steps_max']:.0f} / "
-              f"{b['steps_max']:.0f}  peak {a['peak_mb']:.1f} / {b['peak_mb']:.1f} MiB  "
-              f"cosine {a['cosine']:.4f} / {b['cosine']:.4f}", flush=True)
-    title = (f"torch {torch.__version__} on {device.type}"
-             f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-             f"{torch.get_num_threads()} threads; ours / TorchDEQ")
-    report(title, table(rows), opts.markdown)
+    cases = [tuple(c.split(":")) for c in opts.cases] if opts.cases else None
+    title, body = measure_table(opts.device, opts.repeat, cases, echo=lambda line: print(line, flush=True))
+    report(title, body, opts.markdown)
 
 
 if __name__ == "__main__":
