@@ -44,9 +44,15 @@ def residuals(problem: Problem, z: Any, fz: Any, g: Any = None) -> tuple[Any, An
 
 
 def _residual(state: dict[str, Any]) -> Any:
-    """``F(z) - z``: the solver's own ``g`` when its state keeps one (a pass over the state saved)."""
+    """``F(z) - z``: the solver's own ``g`` when its state hands one over (a pass saved)."""
     g = state.get("g")
     return state["fz"] - state["z"] if g is None else g
+
+
+def _measured(state: dict[str, Any]) -> dict[str, Any]:
+    """The state without the residual it handed over: measured, it is not carried (its memory
+    is freed; a solver that needs it next step keeps it under a name of its own)."""
+    return {key: value for key, value in state.items() if key != "g"} if "g" in state else state
 
 
 def solve(
@@ -89,6 +95,7 @@ def solve(
     problem.max_steps = max_iter
     state = check_solver_state(solver, "init", call_plugin(solver, "init", problem, z0), z0)
     res, res_abs, res_rel = measure(state)
+    state = _measured(state)
     book = _Bookkeeping(backend, res)
     bx = book.xp  # the per-sample bookkeeping's namespace: NumPy for eager CPU arrays, else xp
     res, res_abs, res_rel = book.view(res), book.view(res_abs), book.view(res_rel)
@@ -144,6 +151,7 @@ def solve(
         new = call_plugin(solver, "step", problem, c["state"], c["k"], book.array(active))
         new = check_solver_state(solver, "step", new, z0)
         res, res_abs, res_rel = (book.view(r) for r in measure_step(new))
+        new = _measured(new)
         finite = res < _INF  # a norm: False exactly for NaN and Inf, in one kernel
         better = active & (res < c["best_res"])  # (a non-finite residual is never lower)
         # What this step's residual means for a running sample, as one status code.

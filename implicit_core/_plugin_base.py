@@ -99,9 +99,10 @@ class Solver(_Configurable, abc.ABC):
         """Initial state from ``z0`` (evaluates ``F(z0)`` once).
 
         The state is a dict holding at least the iterate ``z`` and ``fz = F(z)``, flat
-        ``(batch, n)``. A solver that computes the residual ``g = fz - z`` for itself may keep
-        it as ``g`` (exactly ``fz - z``, for the ``z`` and ``fz`` beside it): the loop then
-        measures convergence on it instead of computing it again.
+        ``(batch, n)``. A solver that computes the residual ``g = fz - z`` for itself may hand
+        it over as ``g`` (exactly ``fz - z``, for the ``z`` and ``fz`` beside it): the loop
+        then measures convergence on it instead of computing it again, and drops it from the
+        state it carries (keep it under another name if the next step needs it).
         """
 
     @abc.abstractmethod

@@ -226,9 +226,12 @@ class Broyden(Solver):
         count = xp.zeros((batch,), dtype=xp.int32, device=be.device(z0))
         # (with an initial inverse, that estimate takes the place of s I: the scale is unused)
         scale = xp.full((batch,), -1.0, dtype=z0.dtype, device=be.device(z0))
-        state = {"z": z0, "fz": fz, "g": fz - z0, "count": count, "scale": scale, "U": U, "V": V}
+        # gz = g(z), carried to the next step; handed to the loop as "g" too (which it drops
+        # once measured), so the residual is computed once per step.
+        gz = fz - z0
+        state = {"z": z0, "fz": fz, "gz": gz, "g": gz, "count": count, "scale": scale, "U": U, "V": V}
         state.update(dict.fromkeys(HISTORY[2:]))  # (allocated when a solve outgrows U and V)
-        state["Hg"] = self._current(problem, state, 0).matvec(state["g"])
+        state["Hg"] = self._current(problem, state, 0).matvec(gz)
         return state
 
     def step(self, problem, state, k, active) -> dict[str, Any]:
@@ -255,7 +258,7 @@ class Broyden(Solver):
             written = written + xp.astype(fires, written.dtype)
         # H g(z) is carried from the previous step (updated for its rank-one term below);
         # after an OPA update it is recomputed.
-        g = state["g"]
+        g = state["gz"]
         if self.opa is None:
             Hgz = state["Hg"]
         else:
@@ -309,7 +312,7 @@ class Broyden(Solver):
                 fz_new = xp.where(grown[:, None], fz, fz_new)
                 g_new = xp.where(grown[:, None], g, g_new)
                 Hg_next = xp.where(grown[:, None], Hgz + u * bdot(xp, v, g)[:, None], Hg_next)
-        state.update(z=z_new, fz=fz_new, g=g_new, Hg=Hg_next, count=state["count"] * 0 + (written + 1))
+        state.update(z=z_new, fz=fz_new, gz=g_new, g=g_new, Hg=Hg_next, count=state["count"] * 0 + (written + 1))
         return state
 
     def next_iterate(self, state: dict[str, Any]) -> Any:
