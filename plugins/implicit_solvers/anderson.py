@@ -79,7 +79,9 @@ class Anderson(Solver):
         # (a non-finite history row makes its diagonal entry non-finite: checking it suffices)
         ok = finite_rows(xp, diag) & (xp.abs(reg) < float("inf"))
         A = xp.where(ok[:, None, None], A, eye)
-        y = solve_small(xp, A, xp.broadcast_to(filled[None, :, None], (A.shape[0], m, 1)))[..., 0]
+        # (A is SPD: under a trace, elimination unrolled in fused array operations)
+        ones = xp.broadcast_to(filled[None, :, None], (A.shape[0], m, 1))
+        y = solve_small(xp, A, ones, unrolled=be.traced)[..., 0]
         alpha = y / xp.sum(y, axis=-1, keepdims=True)
         good = ok & finite_rows(xp, alpha)
         alpha = xp.where(good[:, None], alpha, current[None, :])  # fall back to a plain step

@@ -132,17 +132,36 @@ def test_anderson_singular_least_squares_does_not_crash(be):
     assert case_host(be, info.converged).all()
 
 
-def test_a_singular_small_system_fails_only_its_own_sample(be):
+@pytest.mark.parametrize("unrolled", [False, True], ids=["factorised", "unrolled"])
+def test_a_singular_small_system_fails_only_its_own_sample(be, unrolled):
     """``solve_small``: one exactly singular matrix in the batch gives NaN for that sample only."""
     from implicit_core.plugin import solve_small
 
     xp = be.xp
     A = np.stack([np.eye(3) * 2.0, np.zeros((3, 3)), [[4.0, 1, 0], [1, 3, 0], [0, 0, 1]]])
     b = np.ones((3, 3, 1))
-    x = case_host(be, solve_small(xp, xp.asarray(A), xp.asarray(b)))
+    with np.errstate(divide="ignore", invalid="ignore"):  # (NumPy's warnings about the singular one)
+        x = case_host(be, solve_small(xp, xp.asarray(A), xp.asarray(b), unrolled=unrolled))
     np.testing.assert_allclose(x[0], np.linalg.solve(A[0], b[0]), rtol=1e-12)
     np.testing.assert_allclose(x[2], np.linalg.solve(A[2], b[2]), rtol=1e-12)
     assert not np.isfinite(x[1]).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 8), seed=st.integers(0, 2**16), ridge=st.floats(1e-6, 1.0))
+def test_unrolled_small_solve_equals_the_factorised_one_on_spd_systems(m, seed, ridge):
+    """Elimination without pivoting (``unrolled=True``) on regularised Gram matrices, as Anderson
+    builds them: the same solution as LAPACK's pivoted factorisation, to float64 rounding."""
+    from implicit_core.plugin import solve_small
+
+    xp = ic.get_backend("numpy").xp
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((4, m, 3 * m)) * rng.uniform(0.01, 100.0, (4, 1, 1))
+    A = G @ np.swapaxes(G, 1, 2)
+    A += ridge * np.trace(A, axis1=1, axis2=2)[:, None, None] / m * np.eye(m)
+    b = rng.standard_normal((4, m, 2))
+    want = solve_small(xp, A, b)
+    np.testing.assert_allclose(solve_small(xp, A, b, unrolled=True), want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
 
 
 def test_history_columns_cost_what_was_written(be):
