@@ -53,6 +53,10 @@ def finite_rows(xp: Any, a: Any) -> Any:
     return xp.all(xp.abs(flat) < float("inf"), axis=-1)  # fewer kernels than isfinite; NaN fails
 
 
+#: The largest system ``solve_small(unrolled=True)`` eliminates in array operations.
+_UNROLL_MAX = 8
+
+
 def solve_small(xp: Any, A: Any, b: Any, unrolled: bool = False) -> Any:
     """Batched ``A x = b`` for small systems, per sample: NaN rows where a system is singular.
 
@@ -65,9 +69,11 @@ def solve_small(xp: Any, A: Any, b: Any, unrolled: bool = False) -> Any:
     ``m²`` row updates, no pivoting: for symmetric positive definite ``A``, such as a
     regularised Gram matrix, where pivoting is not needed). A compiler fuses those into a few
     kernels (under ``jit`` several times faster than a batched LAPACK factorisation of
-    ``5 × 5`` systems); eagerly each is a dispatch, so keep the default there.
+    ``5 × 5`` systems); eagerly each is a dispatch, so keep the default there. Systems larger
+    than ``8 × 8`` are factorised anyway: the unrolled program grows as ``m²`` (``m = 31``
+    took seconds to compile).
     """
-    if unrolled:
+    if unrolled and int(A.shape[-1]) <= _UNROLL_MAX:
         return _gauss_jordan(xp, A, b)
     try:
         return xp.linalg.solve(A, b)
