@@ -35,12 +35,12 @@ class SolveResult:
     inverse: Any = None
 
 
-def residuals(problem: Problem, z: Any, fz: Any, g: Any = None) -> tuple[Any, Any]:
-    """Absolute ``||F(z) - z||`` and relative ``||F(z) - z|| / (||F(z)|| + eps)``, per sample
-    (``g``: ``F(z) - z`` when already known)."""
+def residuals(problem: Problem, state: dict[str, Any]) -> tuple[Any, Any]:
+    """Absolute ``||F(z) - z||`` and relative ``||F(z) - z|| / (||F(z)|| + eps)``, per sample,
+    of a state holding ``z`` and ``fz = F(z)`` (and the solver's ``g``, see :func:`_residual`)."""
     xp = problem.xp
-    absolute = bnorm(xp, fz - z if g is None else g)
-    return absolute, absolute / (bnorm(xp, fz) + problem.eps)
+    absolute = bnorm(xp, _residual(state))
+    return absolute, absolute / (bnorm(xp, state["fz"]) + problem.eps)
 
 
 def _residual(state: dict[str, Any]) -> Any:
@@ -79,7 +79,7 @@ def solve(
     max_iter = min(int(max_iter), MAX_STEPS)
 
     def measure(state: dict[str, Any]) -> tuple[Any, Any, Any]:
-        a, r = residuals(problem, state["z"], state["fz"], state.get("g"))
+        a, r = residuals(problem, state)
         return (a if stop_mode == "abs" else r), a, r
 
     # The relative residual costs a pass over F(z) per step; with an absolute stopping rule it
