@@ -49,10 +49,11 @@ def _residual(state: dict[str, Any]) -> Any:
     return state["fz"] - state["z"] if g is None else g
 
 
-def _measured(state: dict[str, Any]) -> dict[str, Any]:
-    """The state without the residual it handed over: measured, it is not carried (its memory
-    is freed; a solver that needs it next step keeps it under a name of its own)."""
-    return {key: value for key, value in state.items() if key != "g"} if "g" in state else state
+def _measured(state: dict[str, Any], dropped: tuple[str, ...]) -> dict[str, Any]:
+    """The state without what was only there to be measured: the residual ``g`` it handed over
+    and the solver's ``measured_only`` entries are not carried (their memory is freed; a solver
+    that needs one next step keeps it under a name of its own)."""
+    return {key: value for key, value in state.items() if key not in dropped}
 
 
 def solve(
@@ -95,7 +96,8 @@ def solve(
     problem.max_steps = max_iter
     state = check_solver_state(solver, "init", call_plugin(solver, "init", problem, z0), z0)
     res, res_abs, res_rel = measure(state)
-    state = _measured(state)
+    dropped = ("g", *solver.measured_only)
+    state = _measured(state, dropped)
     book = _Bookkeeping(backend, res)
     bx = book.xp  # the per-sample bookkeeping's namespace: NumPy for eager CPU arrays, else xp
     res, res_abs, res_rel = book.view(res), book.view(res_abs), book.view(res_rel)
@@ -151,7 +153,7 @@ def solve(
         new = call_plugin(solver, "step", problem, c["state"], c["k"], book.array(active))
         new = check_solver_state(solver, "step", new, z0)
         res, res_abs, res_rel = (book.view(r) for r in measure_step(new))
-        new = _measured(new)
+        new = _measured(new, dropped)
         finite = res < _INF  # a norm: False exactly for NaN and Inf, in one kernel
         better = active & (res < c["best_res"])  # (a non-finite residual is never lower)
         # What this step's residual means for a running sample, as one status code.
@@ -187,7 +189,12 @@ def solve(
 
     if single:
         del carry["best_abs"], carry["best_rel"]
-    carry = backend.while_loop(cond, body, carry)
+    # Handed over, not kept here: an eager loop frees each step's state (the first F(z)
+    # included) once the next replaces it, instead of holding the first through the solve.
+    del state
+    handed = [carry]
+    del carry
+    carry = backend.while_loop(cond, body, handed.pop())
     if single:  # (a sample that never had a finite residual keeps its first one: NaN or Inf)
         carry["best_abs"] = bx.where(carry["best_res"] < _INF, carry["best_res"], initial_abs)
         carry["best_rel"] = carry["best_abs"]

@@ -93,6 +93,10 @@ class Solver(_Configurable, abc.ABC):
     #: rows back everywhere else. On functional backends (JAX), where that mask cannot be
     #: skipped at run time, naming the histories here saves a ``where`` over them per step.
     row_masked: ClassVar[tuple[str, ...]] = ()
+    #: State entries the loop measures a step on and then drops instead of carrying them to
+    #: the next step (their memory freed): ``("fz",)`` for a solver that keeps ``F(z)`` in a
+    #: history of its own and never reads ``state["fz"]`` (Anderson). ``g`` is always dropped.
+    measured_only: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def init(self, problem: "Problem", z0: Any) -> dict[str, Any]:

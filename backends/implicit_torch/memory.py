@@ -15,7 +15,8 @@ class _LiveStorageCounter(TorchDispatchMode):
 
     Every op's outputs pass through ``__torch_dispatch__``; each new storage adds its size
     and a finaliser subtracts it when the storage dies. Storages are counted once however
-    many views share them; storages that existed before the block are not counted.
+    many views share them; storages that existed before the block are not counted, nor are
+    views of them made inside it.
     """
 
     def __init__(self) -> None:
@@ -30,11 +31,14 @@ class _LiveStorageCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An output sharing an input's storage (a view, an in-place op) allocated nothing: a
+        # transposed parameter is not a new copy of the parameter.
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu":
                 storage = leaf.untyped_storage()
                 key = id(storage)
-                if key in self._tracked:
+                if key in self._tracked or key in inputs:
                     continue
                 nbytes = storage.nbytes()
                 self._tracked.add(key)
@@ -51,8 +55,8 @@ class PeakMemory:
     CPU, where torch keeps no allocator statistics, every tensor storage the block's ops create
     is counted from its creation to its release (a ``TorchDispatchMode``), which includes the
     tensors autograd saves for backward and those of the backward pass itself. Tensors that
-    existed before the block (parameters, inputs) are not counted. The CPU counter adds a
-    little Python work per op: measure time separately.
+    existed before the block (parameters, inputs), and views of them, are not counted. The
+    CPU counter adds a little Python work per op: measure time separately.
     """
 
     def __init__(self, device: Any = "cpu") -> None:

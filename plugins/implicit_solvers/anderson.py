@@ -35,6 +35,9 @@ class Anderson(Solver):
 
     name = "anderson"
     row_masked = ("F", "G", "GG")
+    # (F(z) is the newest row of F: carried once, not twice; a tenth of an IFT adjoint
+    # solve's memory at m = 5)
+    measured_only = ("fz",)
 
     m: int = 5
     lam: float = 1e-4

@@ -8,6 +8,7 @@ CUDA: ``torch.cuda.max_memory_allocated``.
 import pytest
 
 torch = pytest.importorskip("torch")
+import implicit_core as ic  # noqa: E402
 from implicit_torch import DEQ  # noqa: E402
 from implicit_torch.memory import PeakMemory  # noqa: E402
 
@@ -68,3 +69,29 @@ def test_the_meter_sees_a_graph_kept_across_iterations(device):
             z.square().mean().backward()
         peaks.append(memory.peak)
     assert peaks[1] > 5 * peaks[0]
+
+
+def test_the_cpu_meter_counts_new_storage_not_views_of_existing_tensors():
+    weight = torch.zeros(256, 256)  # 256 KiB, made before the block: a parameter, say
+    with PeakMemory("cpu") as memory:
+        transposed = weight.t()  # a view: nothing allocated
+        product = torch.ones(16, 256) @ transposed  # two new 16 KiB storages, the first freed early
+        del transposed
+    assert memory.peak == 2 * 16 * 256 * 4 and product.shape == (16, 256)
+
+
+def test_an_anderson_solve_holds_its_history_and_a_few_vectors():
+    """Anderson's 2m history rows, and besides them: the returned copy of z0's buffer, the
+    iterate and the best iterate, the next iterate, F(z) and its residual, f's own temporaries.
+    Not the first step's F(z) (the loop hands its carry over) nor a second copy of the newest
+    F(z) beside the history's (``measured_only``): those were two vectors more."""
+    torch.manual_seed(0)
+    batch, n, m = 64, 256, 5
+    A = torch.randn(n, n)
+    A *= 0.9 / torch.linalg.matrix_norm(A, 2)
+    b, z0 = torch.randn(batch, n), torch.zeros(batch, n)
+    with PeakMemory("cpu") as memory:
+        ic.fixed_point(lambda z, a: torch.tanh(z @ a.T + b), z0, A, solver="anderson", m=m,
+                       tol=1e-30, max_iter=20, on_fail="ignore")
+    vectors = memory.peak / (batch * n * 4)
+    assert 2 * m < vectors <= 2 * m + 7, f"{vectors:.2f} vectors of (batch, n) at m = {m}"
