@@ -199,6 +199,12 @@ def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: An
     holding it is written.
     """
     xp = problem.xp
+    if not isinstance(slot, int):
+        # A slot readable for free (an eager CPU array) indexes as an int: a basic index
+        # writes a view in one operation, where an array index takes the advanced-indexing path.
+        host = problem.backend.host_view(slot)
+        if host is not None:
+            slot = int(host)
     if active is None and not isinstance(slot, int) and isinstance(buffer, tuple):
         active = xp.ones((value.shape[0],), dtype=xp.bool, device=problem.backend.device(value))
     if isinstance(buffer, tuple):

@@ -40,7 +40,7 @@ class TorchBackend(Backend):
 
         if x.device.type != "cpu" or x.dtype == torch.bfloat16:
             return None
-        return x.detach().numpy()
+        return (x.detach() if x.requires_grad else x).numpy()  # (detach is an operation of its own)
 
     def from_host(self, a: Any, like: Any) -> Any:
         import torch
