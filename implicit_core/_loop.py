@@ -190,7 +190,8 @@ def solve(
     if single:
         del carry["best_abs"], carry["best_rel"]
     # Handed over, not kept here: an eager loop frees each step's state (the first F(z)
-    # included) once the next replaces it, instead of holding the first through the solve.
+    # included) once the next replaces it, instead of holding the first through the solve
+    # (CPython 3.11 and later: a call takes over its arguments' references).
     del state
     handed = [carry]
     del carry

@@ -35,8 +35,7 @@ class Anderson(Solver):
 
     name = "anderson"
     row_masked = ("F", "G", "GG")
-    # (F(z) is the newest row of F: carried once, not twice; a tenth of an IFT adjoint
-    # solve's memory at m = 5)
+    # (F(z) is the newest row of F: carried once, not twice)
     measured_only = ("fz",)
 
     m: int = 5
