@@ -97,6 +97,7 @@ def solve(
     state = check_solver_state(solver, "init", call_plugin(solver, "init", problem, z0), z0)
     res, res_abs, res_rel = measure(state)
     dropped = ("g", *solver.measured_only)
+    z = state["z"]
     state = _measured(state, dropped)
     book = _Bookkeeping(backend, res)
     bx = book.xp  # the per-sample bookkeeping's namespace: NumPy for eager CPU arrays, else xp
@@ -112,10 +113,10 @@ def solve(
         "state": state,
         # One counter type on every backend: a 0-d integer array beside the state (a traced
         # loop needs an array; the same type everywhere spares solvers an eager/traced branch).
-        "k": xp.asarray(0, dtype=int_dtype, device=backend.device(state["z"])),
+        "k": xp.asarray(0, dtype=int_dtype, device=backend.device(z)),
         "status": status,
         "steps": bx.zeros_like(status),
-        "best_z": state["z"],
+        "best_z": z,
         "best_res": bx.where(finite, res, bx.full_like(res, float("inf"))),
         "best_abs": res_abs,
         "best_rel": res_rel,
@@ -153,6 +154,7 @@ def solve(
         new = call_plugin(solver, "step", problem, c["state"], c["k"], book.array(active))
         new = check_solver_state(solver, "step", new, z0)
         res, res_abs, res_rel = (book.view(r) for r in measure_step(new))
+        z = new["z"]
         new = _measured(new, dropped)
         finite = res < _INF  # a norm: False exactly for NaN and Inf, in one kernel
         better = active & (res < c["best_res"])  # (a non-finite residual is never lower)
@@ -171,7 +173,7 @@ def solve(
             "k": c["k"] + 1,
             "status": bx.where(active, code, c["status"]),
             "steps": c["steps"] + bx.astype(active, bx.int32),
-            "best_z": new["z"] if book.all(better) else select(xp, book.array(better), new["z"], c["best_z"]),
+            "best_z": z if book.all(better) else select(xp, book.array(better), z, c["best_z"]),
             "best_res": bx.where(better, res, c["best_res"]),
         }
         if not single:
@@ -192,7 +194,7 @@ def solve(
     # Handed over, not kept here: an eager loop frees each step's state (the first F(z)
     # included) once the next replaces it, instead of holding the first through the solve
     # (CPython 3.11 and later: a call takes over its arguments' references).
-    del state
+    del state, z
     handed = [carry]
     del carry
     carry = backend.while_loop(cond, body, handed.pop())

@@ -94,8 +94,9 @@ class Solver(_Configurable, abc.ABC):
     #: skipped at run time, naming the histories here saves a ``where`` over them per step.
     row_masked: ClassVar[tuple[str, ...]] = ()
     #: State entries the loop measures a step on and then drops instead of carrying them to
-    #: the next step (their memory freed): ``("fz",)`` for a solver that keeps ``F(z)`` in a
-    #: history of its own and never reads ``state["fz"]`` (Anderson). ``g`` is always dropped.
+    #: the next step (their memory freed): ``("z", "fz")`` for a solver whose step reads neither
+    #: (Anderson: its histories hold what it needs). ``g`` is always dropped. The loop keeps
+    #: each sample's best ``z`` itself.
     measured_only: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod

@@ -35,8 +35,9 @@ class Anderson(Solver):
 
     name = "anderson"
     row_masked = ("F", "G", "GG")
-    # (F(z) is the newest row of F: carried once, not twice)
-    measured_only = ("fz",)
+    # (a step reads only the histories: z and F(z), the newest rows of X and F, are measured
+    # and not carried; in IFT's adjoint solve that is two vectors fewer at its peak)
+    measured_only = ("z", "fz")
 
     m: int = 5
     lam: float = 1e-4

@@ -13,11 +13,12 @@ from implicit_core.plugin import check_choice, check_positive_int, check_range, 
 from implicit_core.plugin import history_block_widths
 
 UPDATES = ("auto", "good", "adjoint")
-#: Rank-one columns an eager solve allocates up front (the other m - FIRST_SLOTS when it needs them).
+#: Rank-one columns an eager solve allocates up front (the others in chunks when it needs them).
 FIRST_SLOTS = 8
-#: The state's history (all but U, V: None until a solve outgrows the first buffers; under a
-#: trace U and V are tuples of blocks, see ``history_block_widths``, and the others None).
-HISTORY = ("U", "V", "U_rest", "V_rest", "rest_rows", "rest_slots")
+#: The state's history: ``U``, ``V`` (the first columns; under a trace all ``m``, as tuples of
+#: blocks, see ``history_block_widths``) and, eagerly, ``rest``: the chunks allocated since, each
+#: ``(U, V, rows)`` (``None`` under a trace).
+HISTORY = ("U", "V", "rest")
 
 
 @dataclass(eq=False)
@@ -113,30 +114,36 @@ class Broyden(Solver):
         ``m`` blocks, zeros where unwritten; products that should cost what was written go
         through :meth:`_with_history`, whose branches return arrays)."""
         if problem.backend.traced:
-            return self._inverse(state, problem.xp, state["U"], state["V"])
+            return self._inverse(state, problem.xp, state["U"], state["V"], ())
         return self._with_history(problem, state, written, lambda *parts: self._inverse(state, problem.xp, *parts))
 
     def _with_history(self, problem, state, written, fn):
-        """``fn(U, V, U_rest, V_rest)`` over the rank-one columns written so far.
+        """``fn(U, V, rest)`` over the rank-one columns written so far.
 
-        Eagerly the history is two buffers: the first ``FIRST_SLOTS`` columns, and the other
-        ``m - FIRST_SLOTS`` allocated when a solve first needs them (``None`` before), for the
-        samples running at that point only. A short solve then holds a few columns rather than
-        ``m``, and a batch whose slowest samples run long holds ``m`` columns for those only,
-        with no copy. Under a trace ``U`` and ``V`` hold all ``m`` columns (fixed shapes) in
-        blocks of 8, 8, 16, ... columns, of which :func:`with_history` reads the first few.
+        Eagerly the history is the first ``FIRST_SLOTS`` columns, for every sample, then chunks
+        allocated as a solve first needs them, each for the samples running at that point only
+        (``rest``: ``(U, V, rows)`` per chunk, ``rows`` ``None`` when every sample was running),
+        of 8, 16, 32, ... columns up to ``m`` (the columns allocated are never more than twice
+        those written, or 8). A short solve then holds a few columns rather than ``m``, and a
+        batch whose slowest samples run long holds the later columns for those only, with no
+        copy. Under a trace ``U`` and ``V`` hold all ``m`` columns (fixed shapes) in blocks of
+        8, 8, 16, ... columns, of which :func:`with_history` reads the first few.
         """
         if problem.backend.traced:
-            return with_history(problem, (state["U"], state["V"]), written, lambda U, V: fn(U, V, None, None))
+            return with_history(problem, (state["U"], state["V"]), written, lambda U, V: fn(U, V, ()))
         first = int(state["U"].shape[1])
         count = int(written)
         U, V = (history_columns(problem, state[key], min(count, first)) for key in ("U", "V"))
-        if count <= first or state["U_rest"] is None:
-            return fn(U, V, None, None)
-        U_rest, V_rest = (history_columns(problem, state[key], count - first) for key in ("U_rest", "V_rest"))
-        return fn(U, V, U_rest, V_rest)
+        rest, start = [], first
+        for U_chunk, V_chunk, rows in state["rest"]:
+            if count <= start:
+                break
+            columns = count - start
+            rest.append((history_columns(problem, U_chunk, columns), history_columns(problem, V_chunk, columns), rows))
+            start += int(U_chunk.shape[1])
+        return fn(U, V, tuple(rest))
 
-    def _inverse(self, state, xp, U, V, U_rest=None, V_rest=None, scale=None) -> LowRankInverse:
+    def _inverse(self, state, xp, U, V, rest, scale=None) -> LowRankInverse:
         scale = state["scale"] if scale is None else scale
         if isinstance(U, tuple):  # blocks (traced): each continues the estimate of those before
             H = LowRankInverse(U[0], V[0], xp, scale, self.initial_inverse)
@@ -144,10 +151,9 @@ class Broyden(Solver):
                 H = LowRankInverse(U_block, V_block, xp, base=H)
             return H
         H = LowRankInverse(U, V, xp, scale, self.initial_inverse)
-        if U_rest is None:
-            return H
-        rows = None if state["rest_rows"] is None else (state["rest_rows"], state["rest_slots"])
-        return LowRankInverse(U_rest, V_rest, xp, base=H, rows=rows)
+        for U_chunk, V_chunk, rows in rest:  # (each continues the estimate of those before)
+            H = LowRankInverse(U_chunk, V_chunk, xp, base=H, rows=rows)
+        return H
 
     def _write(self, problem, state, index, u, v, active):
         xp, be = problem.xp, problem.backend
@@ -157,38 +163,52 @@ class Broyden(Solver):
             state["U"] = write_row(problem, state["U"], slot, u, active)
             state["V"] = write_row(problem, state["V"], slot, v, active)
             return
-        first, slot = int(state["U"].shape[1]), int(slot)
-        keys = ("U", "V") if slot < first else ("U_rest", "V_rest")
-        if slot >= first:
-            slot -= first
-            if state["U_rest"] is None:
-                self._allocate_rest(problem, state, active, m - first, u)
-            if state["rest_rows"] is not None:  # the rest holds the samples then running only
-                u, v, active = (xp.take(a, state["rest_rows"], axis=0) for a in (u, v, active))
+        slot = int(slot)
+        chunk, start = None, int(state["U"].shape[1])
+        if slot >= start:  # in a later chunk: the one holding the slot, allocated when first reached
+            chunk = 0
+            for U_chunk, _, _ in state["rest"]:
+                if slot < start + int(U_chunk.shape[1]):
+                    break
+                start, chunk = start + int(U_chunk.shape[1]), chunk + 1
+            if chunk == len(state["rest"]):  # (slots are written in order: this is the next chunk)
+                self._allocate_chunk(problem, state, active, min(start, m - start), u)
+            rows = state["rest"][chunk][2]
+            if rows is not None:  # the chunk holds the samples then running only
+                u, v, active = (xp.take(a, rows[0], axis=0) for a in (u, v, active))
+            slot -= start
+        buffers = [state["U"], state["V"]] if chunk is None else list(state["rest"][chunk][:2])
         # A column's first write fills every row, zeros where stopped (one host read of each
         # flag for both buffers).
         first_write = bool(index < m)
         everyone = be.all_on_host(active)
-        for key, value in zip(keys, (u, v)):
+        for i, value in enumerate((u, v)):
             if first_write:
                 row = value if everyone else xp.where(active[:, None], value, 0.0)
-                state[key] = be.at_set(state[key], (slice(None), slot, ...), row)
+                buffers[i] = be.at_set(buffers[i], (slice(None), slot, ...), row)
             else:
-                state[key] = write_row(problem, state[key], slot, value, None if everyone else active)
+                buffers[i] = write_row(problem, buffers[i], slot, value, None if everyone else active)
+        if chunk is None:
+            state["U"], state["V"] = buffers
+        else:
+            rest = list(state["rest"])
+            rest[chunk] = (*buffers, rest[chunk][2])
+            state["rest"] = tuple(rest)
 
-    def _allocate_rest(self, problem, state, active, columns: int, like) -> None:
-        """The solve outgrew the first buffer: the other columns of ``m``, for the samples still
+    def _allocate_chunk(self, problem, state, active, columns: int, like) -> None:
+        """The solve outgrew the columns allocated so far: ``columns`` more, for the samples still
         running (a stopped sample writes no more terms; in a DEQ batch most stop early)."""
         xp, be = problem.xp, problem.backend
         batch, n = like.shape
         device = be.device(like)
+        rows = None
         if not be.all_on_host(active):
-            rows = xp.nonzero(active)[0]
-            position = xp.cumulative_sum(xp.astype(active, rows.dtype)) - 1  # of each running sample
-            state["rest_rows"] = rows
-            state["rest_slots"] = xp.where(active, position, int(rows.shape[0]))
-            batch = int(rows.shape[0])
-        state["U_rest"], state["V_rest"] = (xp.empty((batch, columns, n), dtype=like.dtype, device=device) for _ in "UV")
+            running = xp.nonzero(active)[0]
+            position = xp.cumulative_sum(xp.astype(active, running.dtype)) - 1  # of each running sample
+            rows = (running, xp.where(active, position, int(running.shape[0])))
+            batch = int(running.shape[0])
+        U, V = (xp.empty((batch, columns, n), dtype=like.dtype, device=device) for _ in "UV")
+        state["rest"] = (*state["rest"], (U, V, rows))
 
     def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None, y: Any = None) -> tuple[Any, Any]:
         """Rank-one terms making ``H_+^T J_g(z)^T s = s`` (``Hs``: ``H s``, ``y``: ``J_g(z)^T s``, if known)."""
@@ -230,7 +250,7 @@ class Broyden(Solver):
         # once measured), so the residual is computed once per step.
         gz = fz - z0
         state = {"z": z0, "fz": fz, "gz": gz, "g": gz, "count": count, "scale": scale, "U": U, "V": V}
-        state.update(dict.fromkeys(HISTORY[2:]))  # (allocated when a solve outgrows U and V)
+        state["rest"] = None if be.traced else ()  # (chunks allocated when a solve outgrows U and V)
         state["Hg"] = self._current(problem, state, 0).matvec(gz)
         return state
 
