@@ -20,19 +20,37 @@ def test_mdeq_trains_every_estimator_and_reports_its_gradient_quality(tmp_path):
     assert by["shine"]["probe_backward_s"] < by["ift"]["probe_backward_s"]
     assert all(0.1 < r["value"] <= 1.0 for r in rows)  # test accuracy after 3 batches
     assert all(r["peak_memory_kib"] > 0 and r["steps_mean"] >= 1 for r in rows)
+    assert all(r["x_explicit_depth"] == max(1, round(r["steps_mean"])) and r["x_explicit_memory_kib"] > 0
+               for r in rows)
+
+
+def test_mdeq_memory_with_a_fixed_history_does_not_grow_with_depth():
+    pytest.importorskip("torch")
+    from implicit_demo.workloads.mdeq import DEPTH_SOLVERS, MultiscaleTask
+    from implicit_demo.workloads.torch_training import memory_against_depth
+
+    broyden, anderson = DEPTH_SOLVERS
+    table = {r["depth"]: r for r in memory_against_depth(MultiscaleTask(train_samples=128), DEPTH_SOLVERS, (4, 16))}
+    assert table[16]["explicit"] > 3 * table[4]["explicit"]
+    assert table[16][anderson] == table[4][anderson]  # a history of m slots: the same at every depth
+    assert table[16][broyden] > table[4][broyden]  # two vectors per step, up to m = 30
 
 
 def test_transformer_deq_memory_does_not_grow_with_depth_unlike_the_unrolled_block():
     pytest.importorskip("torch")
-    from implicit_demo.workloads.transformer import CharTask, memory_against_depth
+    from implicit_demo.workloads.torch_training import memory_against_depth, memory_table
+    from implicit_demo.workloads.transformer import DEPTH_SOLVERS, CharTask
 
     task = CharTask(chars=20_000, batches_per_epoch=2, batch_size=8)
-    table = {r["depth"]: r for r in memory_against_depth(task, depths=(4, 16))}
-    assert table[16]["explicit_kib"] > 3 * table[4]["explicit_kib"]  # explicit: linear in depth
-    assert table[16]["deq_kib"] < 1.5 * table[4]["deq_kib"]  # DEQ: bounded (Broyden's history is capped)
-    assert table[16]["deq_kib"] < 0.5 * table[16]["explicit_kib"]
+    rows = memory_against_depth(task, DEPTH_SOLVERS, depths=(4, 16))
+    table = {r["depth"]: r for r in rows}
+    long, short = DEPTH_SOLVERS
+    assert table[16]["explicit"] > 3 * table[4]["explicit"]  # explicit: linear in depth
+    assert table[16][long] < 1.5 * table[4][long]  # DEQ: bounded (Broyden's history is capped)
+    assert table[16][long] < 0.5 * table[16]["explicit"]
     # With a history shorter than the depths, the same from 4 steps to 16 (the backward peaks)
-    assert table[16]["deq_short_kib"] <= 1.02 * table[4]["deq_short_kib"]
+    assert table[16][short] <= 1.02 * table[4][short]
+    assert memory_table(rows).count("\n") == 3 and f"| {short} / explicit |" in memory_table(rows)
 
 
 def test_transformer_trains_and_scores_bits_per_character():

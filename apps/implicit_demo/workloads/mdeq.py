@@ -27,7 +27,7 @@ from torch import nn
 from implicit_torch import DEQ
 
 from ..data import load_digits
-from .torch_training import TorchTask, run_task
+from .torch_training import TorchTask, memory_against_depth, memory_table, run_task, unrolled_memory
 
 
 def _gn(channels: int) -> nn.GroupNorm:
@@ -63,8 +63,11 @@ class MultiscaleCell(nn.Module):
 
 
 class MultiscaleDEQ(nn.Module):
-    def __init__(self, channels: int, n_classes: int, solve: dict[str, Any]) -> None:
+    """Injection → the multiscale cell (as a DEQ, or unrolled ``depth`` times from zero) → head."""
+
+    def __init__(self, channels: int, n_classes: int, solve: dict[str, Any], depth: int | None = None) -> None:
         super().__init__()
+        self.depth = depth
         c = channels
         self.inject1 = nn.Conv2d(1, c, 3, padding=1)
         self.inject2 = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
@@ -77,7 +80,13 @@ class MultiscaleDEQ(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x1 = self.inject1(images)
-        z1, z2 = self.deq((x1, self.inject2(x1)))
+        x = (x1, self.inject2(x1))
+        if self.depth is None:
+            z1, z2 = self.deq(x)
+        else:  # the explicit weight-tied network: backpropagation through every layer
+            z1, z2 = torch.zeros_like(x[0]), torch.zeros_like(x[1])
+            for _ in range(self.depth):
+                z1, z2 = self.deq.cell((z1, z2), x)
         return self.head(torch.cat([z1.flatten(1), z2.flatten(1)], dim=1))
 
 
@@ -94,8 +103,8 @@ class MultiscaleTask(TorchTask):
         self.y_train, self.y_test = torch.from_numpy(data.y_train[keep]), torch.from_numpy(data.y_test)
         self.channels, self.batch_size, self.n_classes = channels, batch_size, data.n_classes
 
-    def build(self) -> MultiscaleDEQ:
-        return MultiscaleDEQ(self.channels, self.n_classes, self.solve)
+    def build(self, depth: int | None = None) -> MultiscaleDEQ:
+        return MultiscaleDEQ(self.channels, self.n_classes, self.solve, depth)
 
     def batches(self, rng: np.random.Generator) -> list[np.ndarray]:
         order = rng.permutation(len(self.y_train))
@@ -110,6 +119,23 @@ class MultiscaleTask(TorchTask):
 
     def probe(self) -> np.ndarray:
         return np.arange(min(256, len(self.y_train)))
+
+    def extra(self, model: torch.nn.Module, row: dict[str, Any]) -> None:
+        """Memory of the explicit cell unrolled to the DEQ's mean forward steps, same weights."""
+        unrolled_memory(self, model, row)
+
+
+#: The forward solvers the memory-against-depth table compares: the workload's Broyden and
+#: Anderson, whose history does not grow with the steps
+DEPTH_SOLVERS = {"DEQ, Broyden m = 30": "broyden", "DEQ, Anderson m = 5": "anderson"}
+
+
+def extra_report(rows: list[dict[str, Any]], out: Any, seed: int = 0) -> str:
+    """Memory of one training step against depth: the DEQ held to ``depth`` steps vs the unrolled cell."""
+    return ("One training step's peak memory (KiB) against depth: the DEQ held to exactly `depth` solver steps "
+            "(IFT backward) vs the explicit multiscale cell applied `depth` times (same weights, "
+            "backpropagation through every layer):\n\n"
+            + memory_table(memory_against_depth(MultiscaleTask(seed), DEPTH_SOLVERS, depths=(4, 8, 16, 32))))
 
 
 def run(gradients, epochs: int | None = None, seed: int = 0, show_progress: bool = True, **size: Any):

@@ -62,6 +62,21 @@ class TorchTask(ABC):
         """Workload-specific columns added to ``row`` after training (default: none)."""
 
 
+def unrolled_memory(task: TorchTask, model: torch.nn.Module, row: dict[str, Any]) -> None:
+    """Columns comparing one training step's memory with the explicit network: the cell applied
+    as many times as the DEQ's mean forward steps, the same weights, backpropagation through
+    every layer (``task.build(depth)`` builds it)."""
+    depth = max(1, round(row["steps_mean"]))
+    explicit = task.build(depth)
+    explicit.load_state_dict(model.state_dict())
+    batch = task.batches(np.random.default_rng(task.seed))[0]
+    with PeakMemory("cpu") as meter:
+        task.loss(explicit, batch).backward()
+    row["x_explicit_depth"] = depth
+    row["x_explicit_memory_kib"] = round(meter.peak / 1024, 1)
+    row["x_memory_saved"] = f"{100 * (1 - row['peak_memory_kib'] / row['x_explicit_memory_kib']):.0f} %"
+
+
 def _grads(model: torch.nn.Module) -> list[np.ndarray]:
     return [p.grad.detach().double().numpy().copy() for p in model.parameters() if p.grad is not None]
 
@@ -151,3 +166,43 @@ def run_task(task: TorchTask, gradients: Sequence[str], epochs: int, show_progre
             task.extra(model, row)
             rows.append(row)
     return rows
+
+
+def _step_peak_kib(task: TorchTask, model: torch.nn.Module, batch: Any) -> float:
+    with PeakMemory("cpu") as meter:
+        task.loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    return round(meter.peak / 1024, 1)
+
+
+def memory_against_depth(task: TorchTask, solvers: dict[str, Any], depths: Sequence[int] = (4, 8, 16, 32)
+                         ) -> list[dict[str, Any]]:
+    """One training step's peak memory (KiB) at each depth: the DEQ held to exactly ``depth``
+    solver steps with each forward solver of ``solvers`` (column label -> solver), and the
+    explicit network of ``depth`` layers (``task.build(depth)``, the same weights)."""
+    rows = []
+    batch = task.batches(np.random.default_rng(task.seed))[0]
+    for depth in depths:
+        torch.manual_seed(task.seed)
+        deq_model = task.build()
+        deq_model.deq.tol, deq_model.deq.max_iter = 1e-12, depth  # exactly `depth` steps
+        explicit = task.build(depth)
+        explicit.load_state_dict(deq_model.state_dict())
+        row: dict[str, Any] = {"depth": depth}
+        for label, solver in solvers.items():
+            deq_model.deq.solver = ic.get_solver(solver) if isinstance(solver, str) else solver
+            row[label] = _step_peak_kib(task, deq_model, batch)
+        row["explicit"] = _step_peak_kib(task, explicit, batch)
+        rows.append(row)
+    return rows
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`memory_against_depth`'s rows as Markdown, with each DEQ's ratio to the explicit network."""
+    labels = [key for key in rows[0] if key not in ("depth", "explicit")]
+    lines = ["| depth | " + " | ".join(labels) + " | explicit | " + " | ".join(f"{k} / explicit" for k in labels) + " |",
+             "|" + "---|" * (2 + 2 * len(labels))]
+    for r in rows:
+        lines.append(f"| {r['depth']} | " + " | ".join(f"{r[k]:.0f}" for k in labels) + f" | {r['explicit']:.0f} | "
+                     + " | ".join(f"{r[k] / r['explicit']:.2f}" for k in labels) + " |")
+    return "\n".join(lines)

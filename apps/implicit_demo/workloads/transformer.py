@@ -29,9 +29,8 @@ from torch import nn
 
 import implicit_core as ic
 from implicit_torch import DEQ
-from implicit_torch.memory import PeakMemory
 
-from .torch_training import TorchTask, run_task
+from .torch_training import TorchTask, memory_against_depth, memory_table, run_task, unrolled_memory
 
 #: modules whose docstrings make the corpus (English prose about programs, ~0.5 MB)
 MODULES = ("argparse", "collections", "functools", "itertools", "json", "pathlib", "subprocess", "logging",
@@ -169,58 +168,19 @@ class CharTask(TorchTask):
 
     def extra(self, model: torch.nn.Module, row: dict[str, Any]) -> None:
         """Memory of the explicit block unrolled to the DEQ's mean forward steps, same weights."""
-        depth = max(1, round(row["steps_mean"]))
-        explicit = self.build(depth)
-        explicit.load_state_dict(model.state_dict())
-        batch = self.batches(np.random.default_rng(self.seed))[0]
-        with PeakMemory("cpu") as meter:
-            self.loss(explicit, batch).backward()
-        row["x_explicit_depth"] = depth
-        row["x_explicit_memory_kib"] = round(meter.peak / 1024, 1)
-        row["x_memory_saved"] = f"{100 * (1 - row['peak_memory_kib'] / row['x_explicit_memory_kib']):.0f} %"
+        unrolled_memory(self, model, row)
 
 
-#: Broyden histories the memory-against-depth table compares: the training default (30, the
-#: sequence-DEQ papers' limit) and a short one, with which memory is flat from the first step
-SHORT_HISTORY = 12
-
-
-def memory_against_depth(task: CharTask, depths=(4, 8, 16, 32), short_history: int = SHORT_HISTORY
-                         ) -> list[dict[str, Any]]:
-    """One training step's peak memory, DEQ held to ``depth`` solver steps (Broyden with its
-    default history, and with ``short_history`` columns) vs the explicit block at ``depth``."""
-    rows = []
-    batch = task.batches(np.random.default_rng(task.seed))[0]
-    for depth in depths:
-        torch.manual_seed(task.seed)
-        deq_model = task.build()
-        deq_model.deq.tol, deq_model.deq.max_iter = 1e-12, depth  # exactly `depth` steps
-        explicit = task.build(depth)
-        explicit.load_state_dict(deq_model.state_dict())
-        peaks = []
-        for model, history in ((deq_model, None), (deq_model, short_history), (explicit, None)):
-            if history is not None:
-                model.deq.solver = ic.get_solver("broyden", m=history)
-            with PeakMemory("cpu") as meter:
-                task.loss(model, batch).backward()
-            peaks.append(meter.peak / 1024)
-        rows.append({"depth": depth, "deq_kib": round(peaks[0], 1), "deq_short_kib": round(peaks[1], 1),
-                     "explicit_kib": round(peaks[2], 1)})
-    return rows
+#: The forward solvers the memory-against-depth table compares: the training default (Broyden,
+#: m = 30, the sequence-DEQ papers' limit) and a 12-column history, flat from the first step
+DEPTH_SOLVERS = {"DEQ, Broyden m = 30": "broyden", "DEQ, Broyden m = 12": ic.get_solver("broyden", m=12)}
 
 
 def extra_report(rows: list[dict[str, Any]], out: Any, seed: int = 0) -> str:
     """Memory of one training step against depth: the DEQ held to ``depth`` steps vs the unrolled block."""
-    m = ic.get_solver("broyden").m
-    lines = ["One training step's peak memory (KiB) against depth: the DEQ held to exactly `depth` solver steps "
-             f"(Broyden with its history of m = {m} columns, and of m = {SHORT_HISTORY}; IFT backward) vs the "
-             "explicit weight-tied block unrolled `depth` times (same weights, backpropagation through every layer):",
-             "", f"| depth | DEQ, m = {m} | DEQ, m = {SHORT_HISTORY} | explicit | DEQ / explicit (m = {m}) "
-             f"| DEQ / explicit (m = {SHORT_HISTORY}) |", "|---|---|---|---|---|---|"]
-    for r in memory_against_depth(CharTask(seed)):
-        lines.append(f"| {r['depth']} | {r['deq_kib']:.0f} | {r['deq_short_kib']:.0f} | {r['explicit_kib']:.0f} | "
-                     f"{r['deq_kib'] / r['explicit_kib']:.2f} | {r['deq_short_kib'] / r['explicit_kib']:.2f} |")
-    return "\n".join(lines)
+    return ("One training step's peak memory (KiB) against depth: the DEQ held to exactly `depth` solver steps "
+            "(IFT backward) vs the explicit weight-tied block unrolled `depth` times (same weights, "
+            "backpropagation through every layer):\n\n" + memory_table(memory_against_depth(CharTask(seed), DEPTH_SOLVERS)))
 
 
 def run(gradients, epochs: int | None = None, seed: int = 0, show_progress: bool = True, **size: Any):
