@@ -74,7 +74,7 @@ def unrolled_memory(task: TorchTask, model: torch.nn.Module, row: dict[str, Any]
         task.loss(explicit, batch).backward()
     row["x_explicit_depth"] = depth
     row["x_explicit_memory_kib"] = round(meter.peak / 1024, 1)
-    row["x_memory_saved"] = f"{100 * (1 - row['peak_memory_kib'] / row['x_explicit_memory_kib']):.0f} %"
+    row["x_memory_saved"] = f"{round(100 * (1 - row['peak_memory_kib'] / row['x_explicit_memory_kib']))} %"
 
 
 def _grads(model: torch.nn.Module) -> list[np.ndarray]:
