@@ -172,6 +172,7 @@ class Broyden(Solver):
                     break
                 start, chunk = start + int(U_chunk.shape[1]), chunk + 1
             if chunk == len(state["rest"]):  # (slots are written in order: this is the next chunk)
+                # as many columns as are held already (up to m): the columns held double
                 self._allocate_chunk(problem, state, active, min(start, m - start), u)
             rows = state["rest"][chunk][2]
             if rows is not None:  # the chunk holds the samples then running only

@@ -62,6 +62,17 @@ class TorchTask(ABC):
         """Workload-specific columns added to ``row`` after training (default: none)."""
 
 
+def step_peak_kib(task: TorchTask, model: torch.nn.Module, batch: Any = None) -> float:
+    """One training step's peak memory in KiB (loss and backward; on the first training batch of
+    the task's seed unless ``batch`` is given); the gradients are dropped afterwards."""
+    if batch is None:
+        batch = task.batches(np.random.default_rng(task.seed))[0]
+    with PeakMemory("cpu") as meter:
+        task.loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    return round(meter.peak / 1024, 1)
+
+
 def unrolled_memory(task: TorchTask, model: torch.nn.Module, row: dict[str, Any]) -> None:
     """Columns comparing one training step's memory with the explicit network: the cell applied
     as many times as the DEQ's mean forward steps, the same weights, backpropagation through
@@ -69,11 +80,8 @@ def unrolled_memory(task: TorchTask, model: torch.nn.Module, row: dict[str, Any]
     depth = max(1, round(row["steps_mean"]))
     explicit = task.build(depth)
     explicit.load_state_dict(model.state_dict())
-    batch = task.batches(np.random.default_rng(task.seed))[0]
-    with PeakMemory("cpu") as meter:
-        task.loss(explicit, batch).backward()
     row["x_explicit_depth"] = depth
-    row["x_explicit_memory_kib"] = round(meter.peak / 1024, 1)
+    row["x_explicit_memory_kib"] = step_peak_kib(task, explicit)
     row["x_memory_saved"] = f"{round(100 * (1 - row['peak_memory_kib'] / row['x_explicit_memory_kib']))} %"
 
 
@@ -156,23 +164,14 @@ def run_task(task: TorchTask, gradients: Sequence[str], epochs: int, show_progre
             estimate = gradient_on(task, model, gradient)
             layer_backward = backward_time(task, model, gradient)
             model.train()
-            with PeakMemory("cpu") as meter:  # one training step's batch
-                task.loss(model, task.batches(np.random.default_rng(task.seed))[0]).backward()
-            model.zero_grad(set_to_none=True)
+            peak = step_peak_kib(task, model)
             row = {"workload": task.name, "gradient": gradient, "metric": task.metric, "value": round(score, 4),
                    **{k: round(v, 4) for k, v in timing.items()},
-                   "peak_memory_kib": round(meter.peak / 1024, 1), "cosine_to_ift": round(cosine(estimate, exact), 4),
+                   "peak_memory_kib": peak, "cosine_to_ift": round(cosine(estimate, exact), 4),
                    "probe_backward_s": round(layer_backward, 5)}
             task.extra(model, row)
             rows.append(row)
     return rows
-
-
-def _step_peak_kib(task: TorchTask, model: torch.nn.Module, batch: Any) -> float:
-    with PeakMemory("cpu") as meter:
-        task.loss(model, batch).backward()
-    model.zero_grad(set_to_none=True)
-    return round(meter.peak / 1024, 1)
 
 
 def memory_against_depth(task: TorchTask, solvers: dict[str, Any], depths: Sequence[int] = (4, 8, 16, 32)
@@ -191,8 +190,8 @@ def memory_against_depth(task: TorchTask, solvers: dict[str, Any], depths: Seque
         row: dict[str, Any] = {"depth": depth}
         for label, solver in solvers.items():
             deq_model.deq.solver = ic.get_solver(solver) if isinstance(solver, str) else solver
-            row[label] = _step_peak_kib(task, deq_model, batch)
-        row["explicit"] = _step_peak_kib(task, explicit, batch)
+            row[label] = step_peak_kib(task, deq_model, batch)
+        row["explicit"] = step_peak_kib(task, explicit, batch)
         rows.append(row)
     return rows
 
