@@ -29,11 +29,14 @@ def test_mdeq_memory_with_a_fixed_history_does_not_grow_with_depth():
     from implicit_demo.workloads.mdeq import DEPTH_SOLVERS, MultiscaleTask
     from implicit_demo.workloads.torch_training import memory_against_depth
 
-    broyden, anderson = DEPTH_SOLVERS
+    broyden, anderson, fixed_point = DEPTH_SOLVERS
     table = {r["depth"]: r for r in memory_against_depth(MultiscaleTask(train_samples=128), DEPTH_SOLVERS, (4, 16))}
     assert table[16]["explicit"] > 3 * table[4]["explicit"]
-    assert table[16][anderson] == table[4][anderson]  # a history of m slots: the same at every depth
-    assert table[16][broyden] > table[4][broyden]  # two vectors per step, up to m = 30
+    # (within a state-sized vector: whether the best iterate is a copy depends on the trajectory)
+    assert table[16][anderson] <= 1.1 * table[4][anderson]  # a history of m slots: flat in depth
+    assert table[16][broyden] > 1.5 * table[4][broyden]  # two vectors per step, up to m = 30
+    assert table[16][fixed_point] <= 1.1 * table[4][fixed_point]  # no history at all
+    assert table[16][fixed_point] < table[16][anderson] < table[16][broyden]
 
 
 def test_transformer_deq_memory_does_not_grow_with_depth_unlike_the_unrolled_block():

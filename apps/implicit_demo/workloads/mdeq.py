@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import implicit_core as ic
 from implicit_torch import DEQ
 
 from ..data import load_digits
@@ -125,9 +126,11 @@ class MultiscaleTask(TorchTask):
         unrolled_memory(self, model, row)
 
 
-#: The forward solvers the memory-against-depth table compares: the workload's Broyden and
-#: Anderson, whose history does not grow with the steps
-DEPTH_SOLVERS = {"DEQ, Broyden m = 30": "broyden", "DEQ, Anderson m = 5": "anderson"}
+#: The solvers the memory-against-depth table compares (IFT's adjoint: Anderson unless said):
+#: the workload's Broyden, Anderson, whose history does not grow with the steps, and
+#: fixed-point iteration both ways, which keeps no history at all
+DEPTH_SOLVERS = {"DEQ, Broyden m = 30": "broyden", "DEQ, Anderson m = 5": "anderson",
+                 "DEQ, fixed point (adjoint too)": ("fixed_point", ic.get_gradient("ift", solver="fixed_point"))}
 
 
 def extra_report(rows: list[dict[str, Any]], out: Any, seed: int = 0) -> str:

@@ -177,8 +177,9 @@ def run_task(task: TorchTask, gradients: Sequence[str], epochs: int, show_progre
 def memory_against_depth(task: TorchTask, solvers: dict[str, Any], depths: Sequence[int] = (4, 8, 16, 32)
                          ) -> list[dict[str, Any]]:
     """One training step's peak memory (KiB) at each depth: the DEQ held to exactly ``depth``
-    solver steps with each forward solver of ``solvers`` (column label -> solver), and the
-    explicit network of ``depth`` layers (``task.build(depth)``, the same weights)."""
+    solver steps with each forward solver of ``solvers`` (column label -> solver, or ``(solver,
+    gradient)``; IFT by default), and the explicit network of ``depth`` layers
+    (``task.build(depth)``, the same weights)."""
     rows = []
     batch = task.batches(np.random.default_rng(task.seed))[0]
     for depth in depths:
@@ -188,8 +189,10 @@ def memory_against_depth(task: TorchTask, solvers: dict[str, Any], depths: Seque
         explicit = task.build(depth)
         explicit.load_state_dict(deq_model.state_dict())
         row: dict[str, Any] = {"depth": depth}
-        for label, solver in solvers.items():
+        for label, spec in solvers.items():
+            solver, gradient = spec if isinstance(spec, tuple) else (spec, "ift")
             deq_model.deq.solver = ic.get_solver(solver) if isinstance(solver, str) else solver
+            deq_model.deq.gradient = ic.get_gradient(gradient) if isinstance(gradient, str) else gradient
             row[label] = step_peak_kib(task, deq_model, batch)
         row["explicit"] = step_peak_kib(task, explicit, batch)
         rows.append(row)
