@@ -261,3 +261,39 @@ def test_broyden_reuse_costs_one_vjp_per_step(steps):
     info.vjp(loss_weights(be, (4, 10)))
     assert len(calls) - forward_calls == steps + 1
     assert int(np.max(info.backward.steps)) == steps - 1
+
+
+def test_broyden_reuse_falls_back_to_jfb_where_the_forward_estimate_is_no_inverse(be):
+    """A sample whose continuation starts with a larger adjoint residual than ``u = 0`` gets
+    ``u = g``; the others keep the quasi-Newton step (here exact: their estimate is exact)."""
+    from implicit_gradients.broyden_reuse import BroydenReuse
+
+    case = linear_case(be, batch=4, n=6, norm=0.7)
+    A = host(be, case.args[0])
+    H = np.linalg.inv(A - np.eye(6))  # (dg/dz)^-1 with g = F - I: the exact inverse
+    # H = -I + U^T V with U = I; sample 0's V is garbage
+    V = np.broadcast_to(H + np.eye(6), (4, 6, 6)).copy()
+    V[0] += 5.0 * np.random.default_rng(3).standard_normal((6, 6))
+    U = np.broadcast_to(np.eye(6), (4, 6, 6)).copy()
+    rigged = ic.plugin.LowRankInverse(be.xp.asarray(U), be.xp.asarray(V), be.xp)
+    seen = []
+
+    class Rigged(BroydenReuse):
+        name = "rigged_broyden_reuse"
+
+        def estimate(self, ctx):
+            ctx.inverse = lambda: rigged
+            u = super().estimate(ctx)
+            seen.append((host(be, ctx.g), host(be, u), host(be, -rigged.rmatvec(ctx.g))))
+            return u
+
+    w = loss_weights(be, (4, 6))
+    z, info = ic.fixed_point(case.f, case.z0, case.args, solver="broyden", gradient=Rigged(), tol=1e-10,
+                             vjp=case.vjp)
+    case.grad(z, info, w)
+    g, u, u0 = seen[-1]
+    exact = np.linalg.solve((np.eye(6) - A).T, g.T).T  # u = g + u A (rows: the VJP is v A)
+    residual = lambda x: np.linalg.norm(g + x @ A - x, axis=-1)  # noqa: E731
+    assert residual(u0)[0] > np.linalg.norm(g[0])  # the garbage estimate is worse than u = 0
+    np.testing.assert_array_equal(u[0], g[0])
+    np.testing.assert_allclose(u[1:], exact[1:], rtol=1e-8, atol=1e-12)
