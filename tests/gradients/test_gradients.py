@@ -264,8 +264,9 @@ def test_broyden_reuse_costs_one_vjp_per_step(steps):
 
 
 def test_broyden_reuse_falls_back_to_jfb_where_the_forward_estimate_is_no_inverse(be):
-    """A sample whose continuation starts with a larger adjoint residual than ``u = 0`` gets
-    ``u = g``; the others keep the quasi-Newton step (here exact: their estimate is exact)."""
+    """A sample whose continuation starts with an adjoint residual above twice that of ``u = 0``
+    gets ``u = g``; the others keep the quasi-Newton step (here exact: their estimate is exact).
+    With ``fallback=None`` the garbage sample keeps its step."""
     from implicit_gradients.broyden_reuse import BroydenReuse
 
     case = linear_case(be, batch=4, n=6, norm=0.7)
@@ -288,12 +289,16 @@ def test_broyden_reuse_falls_back_to_jfb_where_the_forward_estimate_is_no_invers
             return u
 
     w = loss_weights(be, (4, 6))
-    z, info = ic.fixed_point(case.f, case.z0, case.args, solver="broyden", gradient=Rigged(), tol=1e-10,
-                             vjp=case.vjp)
-    case.grad(z, info, w)
-    g, u, u0 = seen[-1]
-    exact = np.linalg.solve((np.eye(6) - A).T, g.T).T  # u = g + u A (rows: the VJP is v A)
-    residual = lambda x: np.linalg.norm(g + x @ A - x, axis=-1)  # noqa: E731
-    assert residual(u0)[0] > np.linalg.norm(g[0])  # the garbage estimate is worse than u = 0
-    np.testing.assert_array_equal(u[0], g[0])
-    np.testing.assert_allclose(u[1:], exact[1:], rtol=1e-8, atol=1e-12)
+    for fallback in (2.0, None):
+        z, info = ic.fixed_point(case.f, case.z0, case.args, solver="broyden", gradient=Rigged(fallback=fallback),
+                                 tol=1e-10, vjp=case.vjp)
+        case.grad(z, info, w)
+        g, u, u0 = seen[-1]
+        exact = np.linalg.solve((np.eye(6) - A).T, g.T).T  # u = g + u A (rows: the VJP is v A)
+        residual = lambda x: np.linalg.norm(g + x @ A - x, axis=-1)  # noqa: E731
+        assert residual(u0)[0] > 2 * np.linalg.norm(g[0])  # the garbage estimate: far worse than u = 0
+        if fallback is None:
+            assert np.linalg.norm(u[0] - exact[0]) > np.linalg.norm(g[0] - exact[0])
+        else:
+            np.testing.assert_array_equal(u[0], g[0])
+        np.testing.assert_allclose(u[1:], exact[1:], rtol=1e-8, atol=1e-12)
