@@ -42,7 +42,8 @@ class BroydenReuse(GradientEstimator):
 
     Args:
         steps: Broyden iterations on the adjoint system (``steps`` VJPs). m: their history.
-        fallback: the guard's factor (``None``: no guard).
+        fallback: the guard's factor (``None``: no guard; with ``steps = 0`` there is no
+            residual to test, and none is applied).
     """
 
     name = "broyden_reuse"
