@@ -208,7 +208,8 @@ class Broyden(Solver):
             position = xp.cumulative_sum(xp.astype(active, running.dtype)) - 1  # of each running sample
             rows = (running, xp.where(active, position, int(running.shape[0])))
             batch = int(running.shape[0])
-        U, V = (xp.empty((batch, columns, n), dtype=like.dtype, device=device) for _ in "UV")
+        U = xp.empty((batch, columns, n), dtype=like.dtype, device=device)
+        V = xp.empty_like(U)
         state["rest"] = (*state["rest"], (U, V, rows))
 
     def _adjoint_terms(self, problem, H: LowRankInverse, z: Any, s: Any, Hs: Any = None, y: Any = None) -> tuple[Any, Any]:

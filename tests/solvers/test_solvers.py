@@ -309,7 +309,7 @@ def test_broyden_history_follows_the_solve_without_changing_it(be, monkeypatch):
         allocated.clear()
         ic.fixed_point(case.f, case.z0, case.args, solver=ic.get_solver("broyden", m=20), tol=1e-10, max_iter=max_iter,
                        on_fail="ignore")
-        shapes[max_iter] = [tuple(int(d) for d in shape) for shape in allocated][::2]  # (V: empty_like(U))
+        shapes[max_iter] = [tuple(int(d) for d in shape) for shape in allocated]  # (V: empty_like(U))
     # The first 3 columns for all 5 samples, then chunks of 3, 6 and 8 columns (the columns held
     # doubling, up to m = 20) for the 4 samples still running, each when the solve first needs it
     # (with max_iter = 5, m is cut to the 5 columns the solve can write).
