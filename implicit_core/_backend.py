@@ -84,6 +84,20 @@ class Backend(abc.ABC):
         buffer[index] = value
         return buffer
 
+    def at_set_where(self, buffer: Any, axis: int, slot: Any, value: Any, mask: Any) -> Any:
+        """``buffer[..., slot, ...] = where(mask, value, buffer[..., slot, ...])`` (``slot`` on
+        ``axis``: an int or a 0-d integer array; ``mask`` broadcasts against ``value``).
+
+        Samples outside ``mask`` keep their row (a history frozen with its sample). The default
+        reads the row, selects and writes it back with :meth:`at_set`; a backend overrides it
+        where its compiler makes that pattern costly (JAX, see there).
+        """
+        xp = self.xp
+        index = (slice(None),) * axis + (slot, ...)
+        # (a slot given as an array: ``take``, since the array API indexes with integers only)
+        old = buffer[index] if isinstance(slot, int) else xp.squeeze(xp.take(buffer, xp.reshape(slot, (1,)), axis=axis), axis=axis)
+        return self.at_set(buffer, index, xp.where(mask, value, old))
+
     def all_on_host(self, mask: Any) -> bool:
         """``True`` if every entry of the boolean ``mask`` is true *and* that is cheap to know.
 

@@ -224,10 +224,8 @@ def write_row(problem: "Problem", buffer: Any, slot: Any, value: Any, active: An
     index = (slice(None),) * axis + (slot, ...)
     if active is None or problem.backend.all_on_host(active):
         return problem.backend.at_set(buffer, index, value)
-    # (reading a slot given as an array: ``take``, since the array API indexes with integers only)
-    old = buffer[index] if isinstance(slot, int) else xp.squeeze(xp.take(buffer, xp.reshape(slot, (1,)), axis=axis), axis=axis)
     mask = xp.reshape(active, (active.shape[0],) + (1,) * (value.ndim - 1))
-    return problem.backend.at_set(buffer, index, xp.where(mask, value, old))
+    return problem.backend.at_set_where(buffer, axis, slot, value, mask)
 
 
 def call_plugin(plugin: Any, method: str, *args: Any) -> Any:

@@ -221,7 +221,8 @@ def arrays(backend: Backend) -> None:
 
 
 def at_set(backend: Backend) -> None:
-    """``at_set`` writes a slot (int or 0-d integer array index) and returns the buffer."""
+    """``at_set`` writes a slot (int or 0-d integer array index) and returns the buffer;
+    ``at_set_where`` writes one for the masked samples only, on either axis."""
     be = _usable(backend)
     xp = be.xp
     for slot in (1, xp.asarray(1, dtype=xp.int32)):
@@ -230,6 +231,15 @@ def at_set(backend: Backend) -> None:
         want = np.zeros((2, 3, 2))
         want[:, 1] = 1.0
         _close(f"at_set(buffer, (:, {type(slot).__name__} 1), 1)", _host(be, out), want, 0.0)
+    # at_set_where: one slot rewritten for the masked samples only, on either axis of a (batch, m, m) buffer
+    start = np.arange(18, dtype=np.float64).reshape(2, 3, 3)
+    mask = xp.asarray(np.array([[True], [False]]))
+    for axis in (1, 2):
+        for slot in (2, xp.asarray(2, dtype=xp.int32)):
+            out = be.at_set_where(xp.asarray(start.copy()), axis, slot, xp.full((2, 3), -1.0, dtype=xp.float64), mask)
+            want = start.copy()
+            want[(0,) + (slice(None),) * (axis - 1) + (2,)] = -1.0
+            _close(f"at_set_where(buffer, axis={axis}, {type(slot).__name__} 2, -1, [True, False])", _host(be, out), want, 0.0)
 
 
 def trees(backend: Backend) -> None:

@@ -76,6 +76,17 @@ class JaxBackend(Backend):
     def at_set(self, buffer: Any, index: Any, value: Any) -> Any:
         return buffer.at[index].set(value)
 
+    def at_set_where(self, buffer: Any, axis: int, slot: Any, value: Any, mask: Any) -> Any:
+        # The row is read with the slot's axis kept and selected in that shape: XLA then
+        # writes it in place. Read through an index (a squeezed slice), the select and the
+        # update became separate passes over the row, a quarter of a JAX Broyden step.
+        import jax
+        import jax.numpy as jnp
+
+        old = jax.lax.dynamic_slice_in_dim(buffer, slot, 1, axis=axis)
+        row = jnp.where(jnp.expand_dims(mask, axis), jnp.expand_dims(value, axis), old)
+        return jax.lax.dynamic_update_slice_in_dim(buffer, row, slot, axis=axis)
+
     def all_finite(self, x: Any) -> bool | None:
         import numpy as np
 
