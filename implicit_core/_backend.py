@@ -98,6 +98,16 @@ class Backend(abc.ABC):
         old = buffer[index] if isinstance(slot, int) else xp.squeeze(xp.take(buffer, xp.reshape(slot, (1,)), axis=axis), axis=axis)
         return self.at_set(buffer, index, xp.where(mask, value, old))
 
+    def split_columns(self, flat: Any, sizes: Sequence[int]) -> list[Any]:
+        """``flat[:, a:b]`` for consecutive column counts ``sizes`` (a flat state cut into its
+        tensors). The default slices; a framework with a split operation overrides it where
+        that differentiates better (torch: one gradient for all the pieces, see there)."""
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(flat[:, start : start + size])
+            start += size
+        return parts
+
     def all_on_host(self, mask: Any) -> bool:
         """``True`` if every entry of the boolean ``mask`` is true *and* that is cheap to know.
 

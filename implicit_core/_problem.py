@@ -116,11 +116,9 @@ class Problem:
         xp, lay = self.xp, self.layout
         if flat.dtype != lay.dtype:
             flat = xp.astype(flat, lay.dtype)
-        leaves, start = [], 0
-        for shape, size in zip(lay.shapes, lay.sizes):
-            part = flat if len(lay.sizes) == 1 else flat[:, start : start + size]
-            leaves.append(xp.reshape(part, ((flat.shape[0],) if lay.batched else ()) + shape))
-            start += size
+        parts = [flat] if len(lay.sizes) == 1 else self.backend.split_columns(flat, lay.sizes)
+        batch = (flat.shape[0],) if lay.batched else ()
+        leaves = [xp.reshape(part, batch + shape) for part, shape in zip(parts, lay.shapes)]
         return self.backend.tree_unflatten(lay.treedef, leaves)
 
     # ----------------------------------------------------------------- the map
