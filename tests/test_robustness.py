@@ -252,6 +252,7 @@ def test_deepcopy_after_a_jac_reg_step_and_jac_loss_released_after_backward():
 # --------------------------------------------------------------------------- inputs
 def test_autocast_runs_the_cell_in_reduced_precision_and_the_solver_in_float32():
     torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
     lin = torch.nn.Linear(8, 8)
     with torch.no_grad():
         lin.weight *= 0.5 / torch.linalg.matrix_norm(lin.weight, 2)
@@ -264,7 +265,9 @@ def test_autocast_runs_the_cell_in_reduced_precision_and_the_solver_in_float32()
         return torch.tanh(inner + x)
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z, info = ic.fixed_point(cell, torch.zeros(5, 8), x, solver="anderson", tol=1e-3)
+        # (a bfloat16 cell rounds its output to ~4e-3 per entry: a tolerance under that noise
+        # is met by chance; 2e-2 is met by every one of 200 random cells)
+        z, info = ic.fixed_point(cell, torch.zeros(5, 8), x, solver="anderson", tol=2e-2)
         loss = z.square().sum()
     loss.backward()
     assert z.dtype == torch.float32 and torch.bfloat16 in seen

@@ -285,8 +285,8 @@ class Broyden(Solver):
             Hgz = state["Hg"]
         else:
             Hgz = self._with_history(problem, state, written, lambda *h: self._inverse(state, xp, *h).matvec(g))
-        dz = -self.step_size * Hgz
-        z_new = z + dz
+        # the step dz = -alpha H g(z), never formed on its own (see the good update below)
+        z_new = z - (Hgz if self.step_size == 1.0 else self.step_size * Hgz)
         adjoint, y = self._update(problem) == "adjoint", None
         if adjoint and problem.flat_fn is None:  # F and its VJP at z_new from one evaluation
             fz_new, JT = be.value_and_linearise(problem, z_new)
@@ -305,7 +305,7 @@ class Broyden(Solver):
                 # the first step only, through the backend's conditional).
                 def refit():
                     dg = g_new - g
-                    gamma, ok = safe_divide(xp, bdot(xp, dz, dg), bdot(xp, dg, dg), problem.eps)
+                    gamma, ok = safe_divide(xp, -self.step_size * bdot(xp, Hgz, dg), bdot(xp, dg, dg), problem.eps)
                     delta = xp.where(ok, gamma - scale, 0.0)
                     # H' = H + delta I
                     return scale + delta, Hg + delta[:, None] * g, Hg_new + delta[:, None] * g_new
@@ -313,9 +313,17 @@ class Broyden(Solver):
                 scale, Hg, Hg_new = be.cond(k == 0, refit, lambda: (scale, Hg, Hg_new))
                 H = self._inverse(state, xp, *history, scale=scale)
             if not adjoint:
-                Hdg = Hg_new - Hg  # linearity saves a pass over the buffers
-                u, ok = safe_divide(xp, dz - Hdg, bdot(xp, dz, Hdg), problem.eps)
-                v = H.rmatvec(dz)  # finite (z is); where u is zero the term vanishes
+                # With dz = -alpha Hgz and H dg = Hg_new - Hg (linearity: no pass over the
+                # buffers), the good update's term u v^T is kept as u' v'^T with u' = -alpha u =
+                # alpha (Hg_new + alpha Hgz - Hg) / (dz^T H dg) and v' = H^T Hgz = -H^T dz / alpha:
+                # no vector for dz, H dg or the quotient (three fewer at a step's peak).
+                alpha = self.step_size
+                den = alpha * (bdot(xp, Hgz, Hg) - bdot(xp, Hgz, Hg_new))  # dz^T H dg
+                coefficient, _ = safe_divide(xp, xp.full_like(den, alpha), den, problem.eps)
+                # (Hg is Hgz unless the scale was refitted: then alpha Hgz - Hg vanishes at alpha = 1)
+                direction = Hg_new if alpha == 1.0 and Hg is Hgz else Hg_new + (alpha * Hgz - Hg)
+                u = direction * coefficient[:, None]
+                v = H.rmatvec(Hgz)  # finite (z is); where u is zero the term vanishes
             else:
                 u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new, y=y)
             return scale, Hg, Hg_new, u, v
