@@ -319,10 +319,11 @@ class Broyden(Solver):
                 # no vector for dz, H dg or the quotient (three fewer at a step's peak).
                 alpha = self.step_size
                 den = alpha * (bdot(xp, Hgz, Hg) - bdot(xp, Hgz, Hg_new))  # dz^T H dg
-                coefficient, _ = safe_divide(xp, xp.full_like(den, alpha), den, problem.eps)
+                coefficient, ok = safe_divide(xp, xp.full_like(den, alpha), den, problem.eps)
                 # (Hg is Hgz unless the scale was refitted: then alpha Hgz - Hg vanishes at alpha = 1)
                 direction = Hg_new if alpha == 1.0 and Hg is Hgz else Hg_new + (alpha * Hgz - Hg)
-                u = direction * coefficient[:, None]
+                # exactly zero where skipped: a sample whose step went non-finite keeps a finite H
+                u = xp.where(ok[:, None], direction * coefficient[:, None], 0.0)
                 v = H.rmatvec(Hgz)  # finite (z is); where u is zero the term vanishes
             else:
                 u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new, y=y)
