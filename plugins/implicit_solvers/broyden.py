@@ -223,9 +223,14 @@ class Broyden(Solver):
         if y is None:
             y = problem.backend.vjp_at(problem, z, s) - s  # J_g^T s with g = F - I
         b = H.rmatvec(y)
-        v, ok = safe_divide(xp, s - b, bdot(xp, b, s), problem.eps)
-        u = xp.where(ok[:, None], H.matvec(s) if Hs is None else Hs, 0.0)
-        return u, v
+        coefficient, ok = safe_divide(xp, xp.ones_like(b[:, 0]), bdot(xp, b, s), problem.eps)
+        # (s - b) / (b^T s), exactly zero where skipped; two vectors at a time, not three
+        v = xp.where(ok[:, None], s - b, 0.0)
+        del b
+        v = v * coefficient[:, None]
+        u = H.matvec(s) if Hs is None else Hs
+        # (where every update is taken, u is H s itself: no masked copy)
+        return (u if problem.backend.all_on_host(ok) else xp.where(ok[:, None], u, 0.0)), v
 
     # ----------------------------------------------------------------- solver
     def init(self, problem, z0) -> dict[str, Any]:
