@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from array_api_compat import is_numpy_namespace
+
 
 def bdot(xp: Any, a: Any, b: Any) -> Any:
     """Per-sample inner product of two ``(batch, n)`` arrays -> ``(batch,)``."""
+    if is_numpy_namespace(xp):
+        # NumPy's vecdot is one pass with no (batch, n) temporary: 4x faster than sum(a * b)
+        # at (512, 256) (torch's vecdot is the slower of its two there, JAX fuses either)
+        return xp.vecdot(a, b)
     return xp.sum(a * b, axis=-1)
 
 
 def bnorm(xp: Any, a: Any) -> Any:
     """Per-sample Euclidean norm of a ``(batch, n)`` array -> ``(batch,)``."""
+    if is_numpy_namespace(xp):
+        return xp.sqrt(xp.vecdot(a, a))  # (vector_norm squares into a temporary first: 4x slower)
     return xp.linalg.vector_norm(a, axis=-1)
 
 
