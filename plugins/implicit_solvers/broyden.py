@@ -223,7 +223,8 @@ class Broyden(Solver):
         if y is None:
             y = problem.backend.vjp_at(problem, z, s) - s  # J_g^T s with g = F - I
         b = H.rmatvec(y)
-        coefficient, ok = safe_divide(xp, xp.ones_like(b[:, 0]), bdot(xp, b, s), problem.eps)
+        den = bdot(xp, b, s)
+        coefficient, ok = safe_divide(xp, xp.ones_like(den), den, problem.eps)
         # (s - b) / (b^T s), exactly zero where skipped; two vectors at a time, not three
         v = xp.where(ok[:, None], s - b, 0.0)
         del b
@@ -321,7 +322,7 @@ class Broyden(Solver):
                 # With dz = -alpha Hgz and H dg = Hg_new - Hg (linearity: no pass over the
                 # buffers), the good update's term u v^T is kept as u' v'^T with u' = -alpha u =
                 # alpha (Hg_new + alpha Hgz - Hg) / (dz^T H dg) and v' = H^T Hgz = -H^T dz / alpha:
-                # no vector for dz, H dg or the quotient (three fewer at a step's peak).
+                # no vector for dz, H dg or the quotient (three fewer per step, two at its peak).
                 alpha = self.step_size
                 den = alpha * (bdot(xp, Hgz, Hg) - bdot(xp, Hgz, Hg_new))  # dz^T H dg
                 coefficient, ok = safe_divide(xp, xp.full_like(den, alpha), den, problem.eps)
