@@ -90,3 +90,15 @@ def pytest_terminal_summary(terminalreporter):
 def _example_backend_registered():
     """Tests that reload the registry drop run-time registrations: the example backend comes back."""
     _register_example_backend()
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state():
+    """Every test starts from the same global random state (NumPy's legacy generator, torch's),
+    whatever ran before it on its worker: an unseeded ``torch.randn`` or ``nn.Linear`` in a test
+    draws the same numbers in every run, however xdist hands the tests out."""
+    import numpy as np
+
+    np.random.seed(0)
+    if "torch" in sys.modules:  # (imported by the test's module if it uses torch)
+        sys.modules["torch"].manual_seed(0)
