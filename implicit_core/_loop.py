@@ -13,7 +13,7 @@ from typing import Any
 
 from ._errors import ConfigurationError
 from ._info import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, RECHECK_FAILED, RUNNING, SolveInfo
-from ._ops import bnorm, select
+from ._ops import bnorm, host_select_rows, select
 from ._plugin_base import Solver, call_plugin, check_solver_state
 from ._problem import Problem
 
@@ -169,11 +169,11 @@ def solve(
             # rows (the batch is computed whole anyway), which spares a masked copy of the whole
             # state per step once the first sample has converged. Its histories stay frozen:
             # they are written for active samples only (write_row).
-            "state": new if book.all(finite) else select(xp, book.array(finite), new, c["state"], solver.row_masked),
+            "state": new if book.all(finite) else book.select(finite, new, c["state"], solver.row_masked),
             "k": c["k"] + 1,
             "status": bx.where(active, code, c["status"]),
             "steps": c["steps"] + bx.astype(active, bx.int32),
-            "best_z": z if book.all(better) else select(xp, book.array(better), z, c["best_z"]),
+            "best_z": z if book.all(better) else book.select(better, z, c["best_z"]),
             "best_res": bx.where(better, res, c["best_res"]),
         }
         if not single:
@@ -256,6 +256,22 @@ class _Bookkeeping:
     def all(self, mask: Any) -> bool:
         """Whether every entry of ``mask`` holds, where that is cheap to know (else ``False``)."""
         return bool(mask.all()) if self.on_host else self.backend.all_on_host(mask)
+
+    def select(self, mask: Any, new: Any, old: Any, skip: tuple[str, ...] = ()) -> Any:
+        """Per sample ``new`` where the bookkeeping ``mask`` holds, else ``old`` (arrays or
+        dicts of them, see :func:`select`); on the host, rows are copied instead of a ``where``
+        broadcast over them (:func:`host_select_rows`: 3x faster)."""
+        if not self.on_host:
+            return select(self.backend.xp, mask, new, old, skip)
+        if isinstance(new, dict):
+            return {
+                key: new[key] if (key in skip or new[key] is old[key]) else self.select(mask, new[key], old[key])
+                for key in new
+            }
+        a, b = self.backend.host_view(new), self.backend.host_view(old)
+        if a is None or b is None or a.shape != b.shape:
+            return select(self.backend.xp, self.array(mask), new, old)
+        return self.backend.from_host(host_select_rows(mask, a, b), new)
 
 
 def _recheck(problem: Problem, carry: dict[str, Any], status: Any, tol: float, stop_mode: str, measure: Any,

@@ -214,6 +214,12 @@ def arrays(backend: Backend) -> None:
         if not isinstance(view, np.ndarray):
             raise ConformanceError(f"host_view(x) must be a numpy.ndarray or None, got {type(view).__name__}")
         _close("host_view(x)", view, host, 0.0)
+        if view.flags.writeable:  # (written through by at_set_where: it must be x's memory)
+            buffer = xp.asarray(np.zeros((2, 3)), dtype=x.dtype, device=be.device(x))
+            written = be.host_view(buffer)
+            written[1, 2] = 1.0
+            if be.to_python(buffer)[1][2] != 1.0:
+                raise ConformanceError("host_view(x) is writeable but not x's memory: return a read-only view or None")
         back = be.from_host(np.array([1, 0, 2], dtype=np.int32), x)
         if not be.owns(back) or be.device(back) != be.device(x):
             raise ConformanceError("from_host(a, like) must return the backend's array on like's device")
@@ -232,14 +238,17 @@ def at_set(backend: Backend) -> None:
         want[:, 1] = 1.0
         _close(f"at_set(buffer, (:, {type(slot).__name__} 1), 1)", _host(be, out), want, 0.0)
     # at_set_where: one slot rewritten for the masked samples only, on either axis of a (batch, m, m) buffer
-    start = np.arange(18, dtype=np.float64).reshape(2, 3, 3)
-    mask = xp.asarray(np.array([[True], [False]]))
+    start = np.arange(27, dtype=np.float64).reshape(3, 3, 3)
+    mask = xp.asarray(np.array([[True], [False], [True]]))
+    value = np.arange(9, dtype=np.float64).reshape(3, 3) - 10.0
     for axis in (1, 2):
         for slot in (2, xp.asarray(2, dtype=xp.int32)):
-            out = be.at_set_where(xp.asarray(start.copy()), axis, slot, xp.full((2, 3), -1.0, dtype=xp.float64), mask)
+            out = be.at_set_where(xp.asarray(start.copy()), axis, slot, xp.asarray(value), mask)
             want = start.copy()
-            want[(0,) + (slice(None),) * (axis - 1) + (2,)] = -1.0
-            _close(f"at_set_where(buffer, axis={axis}, {type(slot).__name__} 2, -1, [True, False])", _host(be, out), want, 0.0)
+            for sample in (0, 2):
+                want[(sample,) + (slice(None),) * (axis - 1) + (2,)] = value[sample]
+            _close(f"at_set_where(buffer, axis={axis}, {type(slot).__name__} 2, value, [True, False, True])",
+                   _host(be, out), want, 0.0)
 
 
 def trees(backend: Backend) -> None:

@@ -35,12 +35,13 @@ class TorchBackend(Backend):
         return mask.device.type == "cpu" and bool(mask.all())
 
     def host_view(self, x: Any) -> Any:
-        # CPU tensors share their memory with NumPy (not bfloat16, which NumPy lacks).
+        # CPU tensors share their memory with NumPy (not bfloat16, which NumPy lacks); one that
+        # autograd records would lose its record through the view (and writes would bypass it).
         import torch
 
-        if x.device.type != "cpu" or x.dtype == torch.bfloat16:
+        if x.device.type != "cpu" or x.dtype == torch.bfloat16 or x.requires_grad:
             return None
-        return (x.detach() if x.requires_grad else x).numpy()  # (detach is an operation of its own)
+        return x.numpy()
 
     def from_host(self, a: Any, like: Any) -> Any:
         import torch

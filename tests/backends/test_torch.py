@@ -164,3 +164,17 @@ def test_deq_gradient_penalty_with_higher_order():
     (gx,) = torch.autograd.grad(deq(x).pow(2).sum(), x, create_graph=True)
     gx.pow(2).sum().backward()
     assert deq.cell.lin.weight.grad is not None and torch.isfinite(deq.cell.lin.weight.grad).all()
+
+
+def test_host_views_are_shared_memory_and_never_of_recorded_tensors():
+    """The loop writes history rows through host views (CPU tensors): a view must be the
+    tensor's memory, and a tensor autograd records gets none (a write would bypass autograd)."""
+    be = ic.get_backend("torch")
+    x = torch.zeros(3, 2)
+    be.host_view(x)[1, 0] = 5.0
+    assert x[1, 0].item() == 5.0
+    assert be.host_view(torch.zeros(3, 2, requires_grad=True)) is None
+    assert be.host_view(torch.zeros(3, 2, dtype=torch.bfloat16)) is None
+    buffer, value = torch.zeros(3, 4, 2), torch.ones(3, 2, requires_grad=True)
+    out = be.at_set_where(buffer, 1, 2, value, torch.tensor([[True], [False], [True]]))
+    assert out.requires_grad and out[:, 2, 0].tolist() == [1.0, 0.0, 1.0]

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import implicit_core as ic
@@ -385,3 +385,25 @@ def test_broyden_root_on_a_stiff_implicit_euler_step(be, sign):
                       max_iter=100, gradient="jfb", on_fail="ignore", scale_initial=False, max_growth=None,
                       vjp=(lambda z, a, v: (v, None)) if be.explicit_vjp else None)
     assert not np.asarray(be.to_python(info.converged)).all()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # (a backend)
+@given(rates=st.permutations([0.1, 0.3, 0.5, 0.7, 0.85, 0.95]), seed=st.integers(0, 2**16))
+def test_samples_stopping_at_different_steps_keep_their_own_iterates(be, solver, rates, seed):
+    """Per-sample contraction rates make samples stop (and freeze) at different steps, so every
+    step after the first stop selects rows of the batch: each sample's result is then the one it
+    gets solved alone, and its step count is its own."""
+    xp = be.xp
+    rng = np.random.default_rng(seed)
+    batch, n = len(rates), 5  # (one batch size: a traced backend compiles once)
+    a = xp.asarray(np.repeat(np.asarray(rates)[:, None], n, axis=1) * rng.uniform(0.9, 1.0, (batch, n)))
+    b = xp.asarray(rng.standard_normal((batch, n)))
+    f = lambda z, args: args[0] * xp.tanh(z) + args[1]  # noqa: E731  (elementwise: samples independent)
+    options = dict(solver=solver, tol=1e-9, max_iter=300, on_fail="raise")
+    z, info = ic.fixed_point(f, xp.zeros((batch, n), dtype=xp.float64), (a, b), **options)
+    steps = case_host(be, info.steps)
+    for i in range(batch):
+        zi, info_i = ic.fixed_point(f, xp.zeros((1, n), dtype=xp.float64), (a[i : i + 1, ...], b[i : i + 1, ...]), **options)
+        np.testing.assert_allclose(case_host(be, z)[i], case_host(be, zi)[0], rtol=0, atol=1e-12)
+        assert steps[i] == case_host(be, info_i.steps)[0]
