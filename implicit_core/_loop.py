@@ -202,13 +202,12 @@ def solve(
         carry["best_abs"] = bx.where(carry["best_res"] < _INF, carry["best_res"], initial_abs)
         carry["best_rel"] = carry["best_abs"]
     status = bx.where(carry["status"] == RUNNING, MAX_ITER, carry["status"])
-    # (back to the backend's arrays for the re-check and the report)
-    status = book.array(status)
+    if rechecked:
+        status = _recheck(problem, book, carry, status, tol, stop_mode, rel_known=not single)
+    # (back to the backend's arrays for the report)
+    status = xp.astype(book.array(status), int_dtype)
     for key in ("steps", "best_abs", "best_rel"):
         carry[key] = book.array(carry[key])
-    if rechecked:
-        status = _recheck(problem, carry, status, tol, stop_mode, measure, rel_known=not single)
-    status = xp.astype(status, int_dtype)
     trace_out = carry.get("trace")
     if trace and not backend.traced:
         trace_out = book.array(bx.stack(rows))
@@ -274,27 +273,30 @@ class _Bookkeeping:
         return self.backend.from_host(host_select_rows(mask, a, b), new)
 
 
-def _recheck(problem: Problem, carry: dict[str, Any], status: Any, tol: float, stop_mode: str, measure: Any,
+def _recheck(problem: Problem, book: _Bookkeeping, carry: dict[str, Any], status: Any, tol: float, stop_mode: str,
              rel_known: bool = True) -> Any:
     """Re-measure the returned iterates on the whole batch (one evaluation of ``F``).
 
     For independent samples this reproduces the residuals the loop measured (up to the
     rounding of a batched evaluation, which the slack absorbs). For samples that depend on
     each other it does not: a sample frozen early has moved away from its fixed point since.
+    ``status`` and the carry's per-sample arrays are the bookkeeping's (``book``).
     """
-    xp = problem.xp
+    xp, bx = problem.xp, book.xp
     z = carry["best_z"]
     fz = problem.F(z)
-    res, res_abs, res_rel = measure({"z": z, "fz": fz})
+    res_abs, fz_norm, z_norm = (book.view(bnorm(xp, a)) for a in (fz - z, fz, z))
+    res_rel = res_abs / (fz_norm + problem.eps)
+    res = res_abs if stop_mode == "abs" else res_rel
     # Rounding of F(z) - z, in the units of the stopping rule; f itself runs in the state's
     # dtype (float16 states: f rounds to 1e-3, the solver's arithmetic to float32's 1e-7).
     eps = float(xp.finfo(problem.layout.dtype).eps)
-    noise = 64 * eps * (bnorm(xp, fz) + bnorm(xp, z))
+    noise = 64 * eps * (fz_norm + z_norm)
     if stop_mode == "rel":
-        noise = noise / (bnorm(xp, fz) + problem.eps)
+        noise = noise / (fz_norm + problem.eps)
     finite = res < _INF
     failed = (status == CONVERGED) & ~(res <= tol * 1.01 + noise)
-    carry["best_abs"] = xp.where(finite, res_abs, carry["best_abs"])
+    carry["best_abs"] = bx.where(finite, res_abs, carry["best_abs"])
     # (the loop did not track the relative residual when it stopped on the absolute one)
-    carry["best_rel"] = xp.where(finite, res_rel, carry["best_rel"]) if rel_known else res_rel
-    return xp.where(failed, RECHECK_FAILED, status)
+    carry["best_rel"] = bx.where(finite, res_rel, carry["best_rel"]) if rel_known else res_rel
+    return bx.where(failed, RECHECK_FAILED, status)
