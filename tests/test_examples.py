@@ -120,3 +120,19 @@ def test_a_benchmark_with_a_missing_peer_stops_before_measuring_and_says_what_to
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stdout == ""
     assert "torch_vs_torchdeq.py needs torchdeq (not installed here): pip install" in out.stderr
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_the_floor_benchmarks_hand_written_loop_keeps_the_solve_loops_contract(backend):
+    """``benchmarks/floor.py`` sets the library's fixed-point forward beside a loop written
+    directly in the framework to the same contract: on the same work both evaluate ``f`` as
+    many times (per-sample stopping, a final evaluation)."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} not installed")
+    sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+    try:
+        import floor
+    finally:
+        sys.path.pop(0)
+    work = floor.WORKLOADS[backend](floor.reference_arrays(n=32, batch=16))
+    assert work.handwritten() == work.solve("fixed_point") > 3
