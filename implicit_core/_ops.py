@@ -116,6 +116,17 @@ def solve_small(xp: Any, A: Any, b: Any, unrolled: bool = False) -> Any:
 def _gauss_jordan(xp: Any, A: Any, b: Any) -> Any:
     """``A x = b`` per sample by elimination without pivoting, unrolled over the ``m`` rows."""
     m = int(A.shape[-1])
+    if is_numpy_namespace(xp):
+        # In place on one C-ordered (m, m + k, batch) array: each row update is contiguous
+        # arithmetic over the batch with no new arrays (89 against 153 µs at batch 512, m 5)
+        M = np.ascontiguousarray(np.concatenate([A, b], axis=-1).transpose(1, 2, 0))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # (the NaN rows are the report)
+            for i in range(m):
+                M[i] /= M[i, i]  # a zero pivot (singular) gives non-finite rows
+                for j in range(m):
+                    if j != i:
+                        M[j] -= M[j, i] * M[i]
+        return np.ascontiguousarray(M[:, m:, :].transpose(2, 0, 1))
     rows = [xp.concat([A[:, i, :], b[:, i, :]], axis=-1) for i in range(m)]  # (batch, m + k) each
     for i in range(m):
         rows[i] = rows[i] / rows[i][:, i : i + 1]  # a zero pivot (singular) gives non-finite rows

@@ -85,3 +85,24 @@ def test_anything_goes_wrong_only_through_typed_errors(name, batch, n, dtype, ou
         return
     assert tuple(z.shape) == tuple(z0.shape) and z.dtype == z0.dtype  # success returns a state like z0
     assert len(info.failed) <= batch
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), m=st.integers(1, 8), batch=st.integers(1, 6), k=st.integers(1, 3),
+       name=st.sampled_from(EAGER))
+def test_unrolled_small_solve_matches_a_factorisation_and_isolates_bad_samples(seed, m, batch, k, name):
+    """``solve_small(unrolled=True)`` (elimination without pivoting, NumPy's in place) solves
+    symmetric positive definite systems as LAPACK does; a NaN or singular sample spoils only
+    its own rows."""
+    from implicit_core.plugin import solve_small
+
+    xp = backend(name).xp
+    rng = np.random.default_rng(seed)
+    R = rng.standard_normal((batch + 2, m, m + 2))
+    A = R @ np.swapaxes(R, 1, 2) + 0.1 * np.eye(m)
+    b = rng.standard_normal((batch + 2, m, k))
+    A[-2] = np.nan  # a non-finite system
+    A[-1] = 0.0  # a singular one
+    x = np.asarray(backend(name).to_python(solve_small(xp, xp.asarray(A), xp.asarray(b), unrolled=True)))
+    np.testing.assert_allclose(x[:batch], np.linalg.solve(A[:batch], b[:batch]), rtol=1e-8, atol=1e-10)
+    assert not np.isfinite(x[batch:]).all(axis=(1, 2)).any()
