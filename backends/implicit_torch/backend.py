@@ -153,7 +153,7 @@ class TorchBackend(Backend):
         the penalty then costs its double-backward graph only, not another evaluation of ``F``."""
         import torch
 
-        recorded = problem.recorded.get("graph")
+        recorded = problem.recorded.pop("graph", None)  # (not held on into the backward pass)
         if recorded is None or not torch.is_grad_enabled():
             return super().jacobian_penalty(problem, z, seed)
         z_in, out = recorded
@@ -183,16 +183,26 @@ class TorchBackend(Backend):
         # torch.func.functional_call) and saves re-evaluating F in the backward.
         if z_in is None:
             z_in, out = self._graph(problem, z_star, differentiable_in_z=with_jacobian or problem.jac_reg)
-            if z_in.requires_grad:
+            if problem.jac_reg:  # (read once, by jacobian_penalty, right after the solve)
                 problem.recorded["graph"] = (z_in, out)
         else:
             with torch.enable_grad():
                 out = problem.F(z_in)
         if not _reaches_other_leaves(out, z_in):
             return problem.unflatten(z_star), None
+        # The value is exactly z* (as on every backend); the gradient flows through ``out``.
+        # The hook sits on ``result``, so JT's own passes through ``out`` do not trigger it.
+        result = z_in.detach() + (out - out.detach())
+        # The backward needs F(z*)'s graph, not its values: a first-order pass holds only the
+        # edge into that graph, so F(z*) itself (a state-sized vector) is freed once the solve
+        # returns instead of staying until the backward pass (a multiscale DEQ's training
+        # step: 1 of its 11.6 state-sized vectors at the peak).
+        root = torch.autograd.graph.get_gradient_edge(out)
+        graph_out = out if order is not None else None  # (second derivatives differentiate through out)
+        del out
 
         def JT(v: Any) -> Any:
-            (jt,) = torch.autograd.grad(out, z_in, v, retain_graph=True)
+            (jt,) = torch.autograd.grad(root, z_in, v, retain_graph=True)
             return jt
 
         def hook(g: Any) -> Any:
@@ -222,14 +232,11 @@ class TorchBackend(Backend):
             order.first_order(torch._C._current_graph_task_id())
 
             def JT_graph(v: Any) -> Any:
-                (jt,) = torch.autograd.grad(out, z_in, v, retain_graph=True, create_graph=True)
+                (jt,) = torch.autograd.grad(graph_out, z_in, v, retain_graph=True, create_graph=True)
                 return jt
 
             return backward(g, lin, Differentiable(JT_graph, order.anchor))
 
-        # The value is exactly z* (as on every backend); the gradient flows through ``out``.
-        # The hook sits on ``result``, so JT's own passes through ``out`` do not trigger it.
-        result = z_in.detach() + (out - out.detach())
         result.register_hook(hook)
         return problem.unflatten(result), None
 

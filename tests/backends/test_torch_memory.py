@@ -95,3 +95,28 @@ def test_an_anderson_solve_holds_its_history_and_a_few_vectors():
                        tol=1e-30, max_iter=20, on_fail="ignore")
     vectors = memory.peak / (batch * n * 4)
     assert 2 * m < vectors <= 2 * m + 6, f"{vectors:.2f} vectors of (batch, n) at m = {m}"
+
+
+@pytest.mark.parametrize("gradient", ["ift", "jfb", "phantom"])
+def test_the_backward_pass_holds_the_graph_of_f_at_the_solution_not_its_value(gradient):
+    """The backward pass runs through the graph of ``F`` recorded at ``z*`` and needs its edge,
+    not the value ``F(z*)``: that (a state-sized tensor no backward node saves, here) is freed
+    when the solve returns, not held until the backward pass."""
+    import weakref
+
+    torch.manual_seed(0)
+    W = (0.5 * torch.randn(N, N) / N**0.5).requires_grad_()
+    x = torch.randn(BATCH, N)
+    outputs = []
+
+    def f(z, x):
+        out = z @ W.T + x  # (the sum is saved by no backward node: only its graph is needed)
+        outputs.append(weakref.ref(out))
+        return out
+
+    z, _ = ic.fixed_point(f, torch.zeros(BATCH, N), x, gradient=gradient, tol=1e-4, max_iter=100)
+    recorded = outputs[-1]  # F(z*), evaluated with a graph after the solve
+    seen = []
+    W.register_hook(lambda g: seen.append(recorded() is None))
+    z.square().sum().backward()
+    assert seen == [True] and W.grad is not None
