@@ -134,8 +134,9 @@ class Backend(abc.ABC):
         """A NumPy view of ``x`` where that costs no transfer and no copy (eager CPU arrays), else ``None``.
 
         A writeable view shares ``x``'s memory: what is written into it is written into ``x``
-        (:meth:`at_set_where` writes history rows that way; a read-only view is only read). An array that the framework's
-        autodiff records gets ``None``: through a view it would lose its record.
+        (:meth:`at_set_where` writes history rows that way; a read-only view is only read). An
+        array that the framework's autodiff records gets ``None``: through a view it would lose
+        its record.
 
         The solve loop keeps its per-sample bookkeeping (status, step counts, best residuals:
         ``(batch,)`` arrays) in NumPy when the residuals have such a view: a NumPy operation
