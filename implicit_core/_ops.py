@@ -43,13 +43,20 @@ def select(xp: Any, mask: Any, new: Any, old: Any, skip: tuple[str, ...] = ()) -
     return xp.where(expand_mask(xp, mask, new), new, old)
 
 
+#: From this size on, :func:`host_select_rows` copies rows rather than select with ``where``.
+_ROW_COPY_BYTES = 2**18
+
+
 def host_select_rows(mask: np.ndarray, new: np.ndarray, old: np.ndarray) -> np.ndarray:
     """``where(mask, new, old)`` per sample on NumPy arrays with a leading batch axis.
 
     The side that keeps more rows is copied and the other side's rows are put into the copy:
     a copy and a row scatter take 30 µs at ``(512, 256)`` float32, where a ``where`` whose
     ``(batch, 1)`` mask broadcasts over the rows takes 75 µs in NumPy and 100 µs in torch.
+    Below 256 KiB NumPy's ``where`` is the cheaper (4 against 5-6 µs at ``(64, 64)``).
     """
+    if new.nbytes < _ROW_COPY_BYTES:
+        return np.where(np.reshape(mask, mask.shape + (1,) * (new.ndim - 1)), new, old)
     kept = int(np.count_nonzero(mask))
     if 2 * kept >= mask.shape[0]:
         out, rows, source = new.copy(), np.flatnonzero(~mask), old

@@ -407,3 +407,24 @@ def test_samples_stopping_at_different_steps_keep_their_own_iterates(be, solver,
         zi, info_i = ic.fixed_point(f, xp.zeros((1, n), dtype=xp.float64), (a[i : i + 1, ...], b[i : i + 1, ...]), **options)
         np.testing.assert_allclose(case_host(be, z)[i], case_host(be, zi)[0], rtol=0, atol=1e-12)
         assert steps[i] == case_host(be, info_i.steps)[0]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_large_states_that_stop_at_different_steps_keep_their_own_iterates(be, solver):
+    """As above with a state of 256 KiB, where eager CPU backends copy the frozen samples'
+    rows instead of selecting them with a ``where`` broadcast over the rows, and with 256
+    samples, where Anderson eliminates its small systems in place rather than through LAPACK."""
+    xp = be.xp
+    rng = np.random.default_rng(3)
+    batch, n = 256, 128
+    a = xp.asarray(np.linspace(0.1, 0.95, batch)[:, None] * rng.uniform(0.9, 1.0, (batch, n)))
+    b = xp.asarray(rng.standard_normal((batch, n)))
+    f = lambda z, args: args[0] * xp.tanh(z) + args[1]  # noqa: E731
+    options = dict(solver=solver, tol=1e-9, max_iter=300, on_fail="raise")
+    z, info = ic.fixed_point(f, xp.zeros((batch, n), dtype=xp.float64), (a, b), **options)
+    steps = case_host(be, info.steps)
+    assert len(set(steps.tolist())) > 5
+    for i in (0, 85, 170, 255):
+        zi, info_i = ic.fixed_point(f, xp.zeros((1, n), dtype=xp.float64), (a[i : i + 1, ...], b[i : i + 1, ...]), **options)
+        np.testing.assert_allclose(case_host(be, z)[i], case_host(be, zi)[0], rtol=0, atol=1e-12)
+        assert steps[i] == case_host(be, info_i.steps)[0]
