@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from implicit_core import Solver
 from implicit_core.plugin import bdot, finite_rows, solve_small
 from implicit_core.plugin import check_positive_int, check_range, write_row
