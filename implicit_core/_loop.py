@@ -259,14 +259,10 @@ class _Bookkeeping:
     def select(self, mask: Any, new: Any, old: Any, skip: tuple[str, ...] = ()) -> Any:
         """Per sample ``new`` where the bookkeeping ``mask`` holds, else ``old`` (arrays or
         dicts of them, see :func:`select`); on the host, rows are copied instead of a ``where``
-        broadcast over them (:func:`host_select_rows`: 3x faster)."""
-        if not self.on_host:
-            return select(self.backend.xp, mask, new, old, skip)
-        if isinstance(new, dict):
-            return {
-                key: new[key] if (key in skip or new[key] is old[key]) else self.select(mask, new[key], old[key])
-                for key in new
-            }
+        broadcast over them (:func:`host_select_rows`: 3x faster on large states)."""
+        return select(self.backend.xp, mask, new, old, skip, rows=self._host_rows if self.on_host else None)
+
+    def _host_rows(self, mask: Any, new: Any, old: Any) -> Any:
         a, b = self.backend.host_view(new), self.backend.host_view(old)
         if a is None or b is None or a.shape != b.shape:
             return select(self.backend.xp, self.array(mask), new, old)

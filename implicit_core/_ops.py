@@ -29,18 +29,19 @@ def expand_mask(xp: Any, mask: Any, like: Any) -> Any:
     return xp.reshape(mask, (mask.shape[0],) + (1,) * (like.ndim - 1))
 
 
-def select(xp: Any, mask: Any, new: Any, old: Any, skip: tuple[str, ...] = ()) -> Any:
+def select(xp: Any, mask: Any, new: Any, old: Any, skip: tuple[str, ...] = (), rows: Any = None) -> Any:
     """Per-sample ``where`` over arrays or dicts of arrays with a leading batch axis.
 
     Dict entries named in ``skip``, and buffers updated in place (the same object in both),
-    are taken from ``new`` as they are: their rows were masked when written.
+    are taken from ``new`` as they are: their rows were masked when written. ``rows(mask,
+    new, old)``, when given, selects each array instead of a ``where`` broadcast over its rows.
     """
     if isinstance(new, dict):
         return {
-            key: new[key] if (key in skip or new[key] is old[key]) else select(xp, mask, new[key], old[key])
+            key: new[key] if (key in skip or new[key] is old[key]) else select(xp, mask, new[key], old[key], rows=rows)
             for key in new
         }
-    return xp.where(expand_mask(xp, mask, new), new, old)
+    return xp.where(expand_mask(xp, mask, new), new, old) if rows is None else rows(mask, new, old)
 
 
 #: From this size on, :func:`host_select_rows` copies rows rather than select with ``where``.
