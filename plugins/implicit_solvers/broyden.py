@@ -330,6 +330,7 @@ class Broyden(Solver):
                 direction = Hg_new if alpha == 1.0 and Hg is Hgz else Hg_new + (alpha * Hgz - Hg)
                 # exactly zero where skipped: a sample whose step went non-finite keeps a finite H
                 u = xp.where(ok[:, None], direction * coefficient[:, None], 0.0)
+                del direction  # (after a refit, a vector of its own: not held while v is formed)
                 v = H.rmatvec(Hgz)  # finite (z is); where u is zero the term vanishes
             else:
                 u, v = self._adjoint_terms(problem, H, z_new, g_new, Hs=Hg_new, y=y)
