@@ -326,7 +326,8 @@ class Broyden(Solver):
                 alpha = self.step_size
                 den = alpha * (bdot(xp, Hgz, Hg) - bdot(xp, Hgz, Hg_new))  # dz^T H dg
                 coefficient, ok = safe_divide(xp, xp.full_like(den, alpha), den, problem.eps)
-                # (Hg is Hgz unless the scale was refitted: then alpha Hgz - Hg vanishes at alpha = 1)
+                # (without a refit Hg is Hgz, and at alpha = 1 the correction alpha Hgz - Hg vanishes;
+                # after one, Hg = Hgz + delta g and the correction is a vector of its own)
                 direction = Hg_new if alpha == 1.0 and Hg is Hgz else Hg_new + (alpha * Hgz - Hg)
                 # exactly zero where skipped: a sample whose step went non-finite keeps a finite H
                 u = xp.where(ok[:, None], direction * coefficient[:, None], 0.0)
