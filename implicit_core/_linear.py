@@ -24,6 +24,9 @@ class InverseJacobian(Protocol):
 class LowRankInverse:
     """``H = H0 + U^T V`` per sample, with ``U, V`` of shape ``(batch, m, n)`` (rows = vectors).
 
+    With a ``core`` ``C`` (``(batch, m, m)``), ``H = H0 + U^T C V``: a compact representation
+    whose rows are shared (Broyden's good update kept as its steps: ``U = V = S``).
+
     ``H0`` is ``s I`` (``scale`` ``s``: ``-1``, the classic ``H0 = -I``, or a per-sample
     ``(batch,)`` array) or, when ``base`` is given, another estimate: a solve that continues
     from an earlier one (Broyden reuse) adds its rank-one terms without copying the earlier
@@ -39,6 +42,7 @@ class LowRankInverse:
     #: stopped): ``(rows, slots)``, ``U, V`` of shape ``(len(rows), m, n)`` for the samples
     #: ``rows``, and ``slots[i]`` the row of sample ``i`` in them, or ``len(rows)`` (no terms).
     rows: Any = None
+    core: Any = None
 
     def _apply(self, left: Any, right: Any, x: Any, transpose: bool) -> Any:
         xp = self.xp
@@ -52,6 +56,8 @@ class LowRankInverse:
         # Row-vector products, (batch, 1, n) @ (batch, n, m): torch runs a batched
         # matrix @ column-vector on CPU several times slower than this form.
         coeff = xp.matmul(x[:, None, :], xp.matrix_transpose(right))  # (batch, 1, m)
+        if self.core is not None:  # (C V x)^T = (V x)^T C^T; transposed: (U x)^T C
+            coeff = xp.matmul(coeff, self.core if transpose else xp.matrix_transpose(self.core))
         terms = xp.matmul(coeff, left)[:, 0, :]
         if self.rows is not None:  # back to the whole batch: zeros for the other samples
             terms = xp.take(xp.concat([terms, xp.zeros_like(terms[:1, ...])], axis=0), slots, axis=0)
@@ -70,7 +76,8 @@ class LowRankInverse:
     @property
     def T(self) -> "LowRankInverse":
         """The transpose ``H^T = H0^T + V^T U``, itself low-rank of the same form."""
-        return LowRankInverse(self.V, self.U, self.xp, self.scale, None if self.base is None else self.base.T, self.rows)
+        return LowRankInverse(self.V, self.U, self.xp, self.scale, None if self.base is None else self.base.T, self.rows,
+                              None if self.core is None else self.xp.matrix_transpose(self.core))
 
     @property
     def rank(self) -> int:

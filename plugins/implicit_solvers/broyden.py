@@ -12,6 +12,8 @@ from implicit_core.plugin import bdot, bnorm, safe_divide
 from implicit_core.plugin import check_choice, check_positive_int, check_range, history_columns, with_history, write_row
 from implicit_core.plugin import history_block_widths
 
+from . import broyden_steps
+
 UPDATES = ("auto", "good", "adjoint")
 #: Rank-one columns an eager solve allocates up front (the others in chunks when it needs them).
 FIRST_SLOTS = 8
@@ -33,15 +35,19 @@ class Broyden(Solver):
     multiplies the residual by more than ``max_growth`` is not taken: the sample stays where it
     was, and ``H`` still learns the secant pair the trial step measured.
 
-    The update of ``H`` is a rank-one term ``u v^T`` written into slot ``k mod m`` of the
-    ``(batch, m, n)`` buffers:
+    The update of ``H`` is a rank-one term ``u v^T``:
 
     * ``update="good"`` (Broyden's "good" inverse update), with ``dg = g(z + dz) - g(z)``:
-      ``u = (dz - H dg) / (dz^T H dg)``, ``v = H^T dz``, so that ``H_+ dg = dz``.
+      ``u = (dz - H dg) / (dz^T H dg)``, ``v = H^T dz``, so that ``H_+ dg = dz``. Its terms are
+      kept as the steps themselves (:mod:`.broyden_steps`: ``H = (I + S M S^T) s I``, one
+      state-sized vector a step and half the passes over the history); after ``m`` updates
+      the estimate restarts from ``s I``.
     * ``update="adjoint"`` (adjoint Broyden, type C, as in SHINE): with ``s = g(z_+)`` and
       ``y = J_g(z_+)^T s`` (one extra VJP per step), ``u = H s``,
       ``v = (s - H^T y) / (s^T H^T y)``, so that ``H_+^T y = s``: the transpose, which SHINE
-      uses in the backward pass, is exact along the directions the solve explored.
+      uses in the backward pass, is exact along the directions the solve explored. Its terms
+      (``u``, ``v``: two vectors a step) go into slot ``k mod m`` of ``(batch, m, n)`` buffers,
+      as do OPA's and those of a solve continuing from an ``initial_inverse``.
     * ``update="auto"`` (the default): ``"adjoint"`` when the backward pass reads the inverse
       estimate (``gradient="shine"`` or ``"broyden_reuse"``: ``problem.backward_reads_inverse``),
       ``"good"`` otherwise. On a trained digits DEQ (Jacobian spectral radius up to 0.85) the
@@ -57,7 +63,8 @@ class Broyden(Solver):
     exposed through :meth:`inverse_jacobian` for ``shine`` and ``broyden_reuse``.
 
     Args:
-        m: number of rank-one terms kept (older ones are overwritten).
+        m: number of rank-one terms kept (the good update: then a restart; the others: older
+            ones are overwritten).
         step_size: ``alpha`` in ``(0, 1]``.
         update: ``"auto"``, ``"good"`` or ``"adjoint"``.
         opa: callable ``z -> dL/dz`` enabling OPA updates; opa_freq: their period.
@@ -68,7 +75,7 @@ class Broyden(Solver):
 
     name = "broyden"
     provides_inverse = True
-    row_masked = HISTORY
+    row_masked = HISTORY + broyden_steps.HISTORY
 
     m: int = 30
     step_size: float = 1.0
@@ -105,6 +112,12 @@ class Broyden(Solver):
             return self.update
         # Internal backward systems (flat_fn) have no VJP of their own: always "good" there.
         return "adjoint" if problem.backward_reads_inverse and problem.flat_fn is None else "good"
+
+    def _keeps_steps(self, problem) -> bool:
+        """Whether this solve keeps the good update as its steps (:mod:`.broyden_steps`: one
+        vector a step). The adjoint update and OPA write terms that are not steps, and an
+        initial inverse is not ``s I``: those keep the rank-one terms ``U``, ``V``."""
+        return self._update(problem) == "good" and self.opa is None and self.initial_inverse is None
 
     def _opa_fires(self, k: Any) -> Any:
         return (k > 0) & (k % self.opa_freq == 0)
@@ -235,6 +248,8 @@ class Broyden(Solver):
 
     # ----------------------------------------------------------------- solver
     def init(self, problem, z0) -> dict[str, Any]:
+        if self._keeps_steps(problem):
+            return broyden_steps.init(self, problem, z0, FIRST_SLOTS)
         xp, be = problem.xp, problem.backend
         batch, n = z0.shape
         # No more rank-one slots than the solve can write (one per step, two with OPA).
@@ -263,6 +278,8 @@ class Broyden(Solver):
         return state
 
     def step(self, problem, state, k, active) -> dict[str, Any]:
+        if "S" in state:
+            return broyden_steps.step(self, problem, state, k, active)
         xp, be = problem.xp, problem.backend
         state = dict(state)
         z, fz = state["z"], state["fz"]
@@ -360,9 +377,13 @@ class Broyden(Solver):
         ``H g(z)`` is carried in the state, so this costs one pass over ``z``: a solve whose
         last step need not be measured (Broyden reuse's fixed budget) saves that evaluation.
         """
+        if "step" in state:
+            return state["z"] + state["step"]
         return state["z"] - self.step_size * state["Hg"]
 
     def inverse_jacobian(self, problem, state) -> LowRankInverse:
+        if "S" in state:
+            return broyden_steps.inverse(problem, state)
         # The columns some sample wrote, as views (a trimmed copy would add to the forward's
         # peak; the buffers already follow the steps taken, see _with_history).
         count = state["count"] if problem.backend.traced else int(problem.xp.max(state["count"]))

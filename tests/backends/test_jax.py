@@ -299,3 +299,24 @@ def test_broyden_with_a_long_history_under_jit():
     np.testing.assert_allclose(value, np.sum(z**2), rtol=1e-10)
     # (SHINE reads the estimate its path built: float64 sums in another order move it by ~1e-7)
     np.testing.assert_allclose(np.asarray(grad), info.vjp(2 * z)[0], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [30, 5])
+def test_broyden_good_update_kept_as_steps_under_jit(m):
+    """The good update's steps, kept in blocks under a trace and read a few blocks at a time,
+    restarted when full (m = 5), give the same solution and SHINE gradient (which reads the
+    compact estimate) as NumPy's eager buffers."""
+    W, c = _problem(batch=64, n=48, norm=0.9)
+    solver = ic.get_solver("broyden", m=m, update="good")
+
+    def loss(W, c):
+        z, _ = ic.fixed_point(_cell, jnp.zeros_like(c), (W, c), solver=solver, gradient="shine", tol=1e-9, max_iter=60)
+        return jnp.sum(z**2)
+
+    value, grad = jax.jit(jax.value_and_grad(loss))(W, c)
+    W_np, c_np = np.asarray(W), np.asarray(c)
+    z, info = ic.fixed_point(tanh_cell, np.zeros_like(c_np), (W_np, c_np), vjp=tanh_cell_vjp, solver=solver,
+                             gradient="shine", tol=1e-9, max_iter=60)
+    assert info.steps.max() > min(m + 1, 16)  # (m = 5 restarts; m = 30 reads the third block)
+    np.testing.assert_allclose(value, np.sum(z**2), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(grad), info.vjp(2 * z)[0], rtol=1e-6, atol=1e-5)

@@ -261,6 +261,80 @@ def test_broyden_adjoint_update_and_opa_converge(be):
         np.testing.assert_allclose(case_host(be, z), case_host(be, z_ref), atol=1e-9)
 
 
+def _dense_good_broyden(F, z0, steps, m, max_growth, alpha=1.0):
+    """Broyden's good inverse update on a dense ``H`` per sample (float64 NumPy), with the
+    solver's rules: ``H_0 = -I`` refit to ``s I`` at the first secant pair, refused steps that
+    still update ``H``, and a restart from ``s I`` when ``m`` updates are held.
+    Returns the iterates, the final ``H`` per sample and the number of refused steps."""
+    iterates, inverses, refused = [], [], 0
+    for z in z0:
+        n = z.shape[0]
+        scale, r = -1.0, F(z) - z
+        H = scale * np.eye(n)
+        dz, path, updates = -alpha * H @ r, [], 0
+        for k in range(steps):
+            z_new = z + dz
+            g_new = F(z_new) - z_new
+            if k == 0:
+                dg = g_new - r
+                scale = dz @ dg / (dg @ dg)
+                H = scale * np.eye(n)
+            grown = max_growth is not None and np.linalg.norm(g_new) > max_growth * np.linalg.norm(r)
+            refused += grown
+            if updates == m:  # restart from s I
+                H, updates = scale * np.eye(n), 0
+            else:
+                Hdg = H @ (g_new - r)
+                H = H + np.outer(dz - Hdg, dz @ H) / (dz @ Hdg)
+                updates += 1
+            if not grown:
+                z, r = z_new, g_new
+            dz = -alpha * H @ r
+            path.append(z)
+        iterates.append(path)
+        inverses.append(H)
+    return np.array(iterates).transpose(1, 0, 2), np.array(inverses), refused
+
+
+@pytest.mark.parametrize("m, max_growth, alpha, gain", [(30, None, 1.0, 0.95), (3, None, 1.0, 0.95),
+                                                        (30, 1.02, 1.0, 3.0), (4, 4.0, 0.7, 0.95)])
+def test_broyden_good_update_kept_as_steps_is_the_dense_update(be, m, max_growth, alpha, gain):
+    """The good update is kept as its steps and a small matrix per sample (one vector a step):
+    its iterates and its inverse estimate are those of the dense update, refused steps and the
+    restart when the columns are full included."""
+    xp = be.xp
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((12, 12))
+    W *= gain / np.linalg.norm(W, 2)  # (3: not a contraction, where Broyden's steps are refused)
+    c = rng.standard_normal((4, 12))
+    z0 = np.zeros((4, 12))
+    steps = 9
+    iterates, inverses, refused = [], [], 0
+    for b in range(4):  # the reference, one sample at a time
+        path, H, r = _dense_good_broyden(lambda z, b=b: np.tanh(W @ z + c[b]), z0[b:b + 1], steps, m, max_growth, alpha)
+        iterates.append(path[:, 0])
+        inverses.append(H[0])
+        refused += r
+    want, H_want = np.stack(iterates, axis=1), np.stack(inverses)
+    if gain > 1:
+        assert refused > 0  # (the refused branch is exercised)
+    Wx, cx = xp.asarray(W), xp.asarray(c)
+    problem = ic.Problem.on_flat(be, xp.asarray(z0), lambda z: xp.tanh(z @ Wx.T + cx))
+    problem.max_steps = steps + 1
+    solver = ic.get_solver("broyden", m=m, max_growth=max_growth, step_size=alpha, update="good")
+    state = solver.init(problem, xp.asarray(z0))
+    assert "S" in state and "U" not in state  # (kept as steps)
+    everyone = xp.asarray(np.ones(4, dtype=bool))
+    for k in range(steps):
+        state = solver.step(problem, state, xp.asarray(k, dtype=xp.int32), everyone)
+        np.testing.assert_allclose(case_host(be, state["z"]), want[k], rtol=1e-9, atol=1e-11)
+    H = solver.inverse_jacobian(problem, state)
+    v = rng.standard_normal((4, 12))
+    np.testing.assert_allclose(case_host(be, H.matvec(xp.asarray(v))), np.einsum("bij,bj->bi", H_want, v), atol=1e-9)
+    np.testing.assert_allclose(case_host(be, H.rmatvec(xp.asarray(v))), np.einsum("bji,bj->bi", H_want, v), atol=1e-9)
+    np.testing.assert_allclose(case_host(be, H.T.matvec(xp.asarray(v))), np.einsum("bji,bj->bi", H_want, v), atol=1e-9)
+
+
 def test_limited_memory_broyden_wraps_its_buffer(be):
     case = tanh_case(be, n=12, norm=0.95)
     z, info = ic.fixed_point(case.f, case.z0, case.args, solver=ic.get_solver("broyden", m=3), tol=1e-10, max_iter=200)
@@ -305,15 +379,20 @@ def test_broyden_history_follows_the_solve_without_changing_it(be, monkeypatch):
     monkeypatch.setattr(broyden, "FIRST_SLOTS", 3)
     monkeypatch.setattr(be.xp, "empty", lambda shape, **kw: (allocated.append(shape[:2]), empty(shape, **kw))[1])
     shapes = {}
-    for max_iter in (2, 5, 60):  # a short solve never allocates the later chunks
-        allocated.clear()
-        ic.fixed_point(case.f, case.z0, case.args, solver=ic.get_solver("broyden", m=20), tol=1e-10, max_iter=max_iter,
-                       on_fail="ignore")
-        shapes[max_iter] = [tuple(int(d) for d in shape) for shape in allocated]  # (V: empty_like(U))
-    # The first 3 columns for all 5 samples, then chunks of 3, 6 and 8 columns (the columns held
-    # doubling, up to m = 20) for the 4 samples still running, each when the solve first needs it
-    # (with max_iter = 5, m is cut to the 5 columns the solve can write).
-    assert shapes == {2: [(5, 2)], 5: [(5, 3), (4, 2)], 60: [(5, 3), (4, 3), (4, 6), (4, 8)]}
+    for update in ("adjoint", "good"):
+        for max_iter in (2, 5, 60):  # a short solve never allocates the later chunks
+            allocated.clear()
+            ic.fixed_point(case.f, case.z0, case.args, solver=ic.get_solver("broyden", m=20, update=update), tol=1e-10,
+                           max_iter=max_iter, on_fail="ignore", vjp=case.vjp)
+            shapes[update, max_iter] = [tuple(int(d) for d in shape) for shape in allocated]  # (V: empty_like(U))
+    # The rank-one terms: the first 3 columns for all 5 samples, then chunks of 3, 6 and 8
+    # columns (the columns held doubling, up to m = 20) for the 4 (then 3) samples still running, each
+    # when the solve first needs it (with max_iter = 5, m is cut to the 5 columns the solve can
+    # write). The good update's steps: one buffer, blocks for every sample, of m + 1 = 21
+    # columns at most (3 for a solve of 2 steps: the m factors sit between m + 1 steps).
+    assert shapes == {("adjoint", 2): [(5, 2)], ("adjoint", 5): [(5, 3), (4, 2)],
+                      ("adjoint", 60): [(5, 3), (4, 3), (4, 6), (3, 8)],
+                      ("good", 2): [(5, 3)], ("good", 5): [(5, 3), (5, 3)], ("good", 60): [(5, 3), (5, 3), (5, 6), (5, 9)]}
 
 
 @settings(max_examples=25, deadline=None)
