@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from implicit_core.plugin import LowRankInverse
 from implicit_core.plugin import bdot, bnorm, safe_divide
 from implicit_core.plugin import history_block_widths, with_history, write_row
@@ -115,35 +117,27 @@ def step(solver, problem, state: dict[str, Any], k: Any, active: Any) -> dict[st
     def update():
         # q = H_k g_new = s p with p = g_new + S M Sᵀ g_new: the scale stays out of the vectors
         a0, t, p = _products(problem, S, M, i, g_new)
-        G = _row(problem, gram, i)  # s_jᵀ dz for every column j
-        # dzᵀ q = s (dzᵀ g_new + dzᵀ S t) and |dz|², from the products and the Gram matrix
-        c, norm2 = scale * (_entry(problem, a0, i) + xp.sum(G * t, axis=1)), _entry(problem, G, i)
-        scaled, ok_norm = safe_divide(xp, xp.ones_like(c), rho * norm2, eps)  # 1 / (rho |dz|²)
-        inverse_D, ok = safe_divide(xp, xp.ones_like(c), c + rho * norm2, eps)
-        ok = ok & ok_norm & active
-        # dz_{k+1} = beta q + gamma dz (the module docstring's two cases, and no update where not ok)
-        beta = xp.where(ok, -alpha * rho * norm2 * inverse_D, -alpha)
-        gamma = xp.where(ok, -alpha * (1.0 - rho) * c * inverse_D, 0.0)
-        a = xp.where(ok, (1.0 - rho) * scaled, 0.0)
-        if grown is not None:
-            refused_gamma = xp.where(ok, alpha * rho * (1.0 + (1.0 - rho) * norm2 * inverse_D), alpha * rho)
-            beta = xp.where(grown, xp.where(ok, beta, 0.0), beta)
-            gamma = xp.where(grown, refused_gamma, gamma)
-            a = xp.where(grown & ok, -rho * scaled, a)
-        b = xp.where(ok, scaled / alpha, 0.0)
-        beta = beta * scale
-        # (gamma is zero wherever the step was taken at alpha = 1 after the first step: one
-        # product instead of three where the host can see it)
-        new_step = beta[:, None] * p if be.all_on_host(gamma == 0.0) else beta[:, None] * p + gamma[:, None] * dz
-        # M += (a e_i + b e_{i+1}) (e_i + Mᵀ G)ᵀ: rows i and i + 1 (row i + 1 is still zero in
-        # this cycle for a running sample; a stopped one keeps its rows from an earlier cycle)
-        right = xp.matmul(G[:, None, :], M)[:, 0, :] + _unit(problem, M, i)
-        right = xp.where(ok[:, None], right, 0.0)  # (finite where the sample went non-finite)
-        M_new = write_row(problem, M, i, _row(problem, M, i) + a[:, None] * right, None)
-        M_new = write_row(problem, M_new, i + 1, b[:, None] * right, None if be.all_on_host(active) else active)
-        # The Gram matrix's next column, Sᵀ dz_{k+1} = beta s (Sᵀ g_new + Sᵀ S t) + gamma Sᵀ dz,
-        # from this step's products: no pass over the history for it.
-        column = beta[:, None] * (a0 + xp.matmul(gram, t[:, :, None])[:, :, 0]) + gamma[:, None] * G
+        small = (a0, t, M, gram, scale, rho, active) + (() if grown is None else (grown,))
+        host = [be.host_view(x) for x in small] if not be.traced else [None]
+        if all(x is not None and x.flags.writeable for x in host):
+            # The per-sample arithmetic (~40 operations on (batch,) and (batch, A, A) arrays) in
+            # NumPy on the arrays' own memory, M updated in place: a few microseconds each there,
+            # 10-15 in an eager framework's dispatch.
+            from array_api_compat import numpy as host_xp
+
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # (handled per sample)
+                beta, gamma, _, column = _coefficients(host_xp, *host[:7], host[7] if grown is not None else None,
+                                                       int(i), alpha, eps)
+            steady = not gamma.any()
+            beta, gamma, column = (be.from_host(np.ascontiguousarray(x), a0) for x in (beta, gamma, column))
+            M_new = M
+        else:
+            beta, gamma, M_new, column = _coefficients(xp, a0, t, M, gram, scale, rho, active, grown, i, alpha, eps,
+                                                       be.device(M))
+            steady = be.all_on_host(gamma == 0.0)
+        # dz_{k+1} = beta q + gamma dz, gamma zero wherever the step was taken at alpha = 1
+        # after the first step: one product instead of three where the host sees it
+        new_step = beta[:, None] * p if steady else beta[:, None] * p + gamma[:, None] * dz
         return new_step, M_new, column
 
     def restart():
@@ -168,6 +162,56 @@ def step(solver, problem, state: dict[str, Any], k: Any, active: Any) -> dict[st
     state.update(gz=r_next, g=r_next, scale=scale, step=new_step, S=S, M=M, gram=gram,
                  count=xp.minimum(state["count"] * 0 + (k + 2), K))
     return state
+
+
+def _coefficients(sx, a0, t, M, gram, scale, rho, active, grown, i, alpha: float, eps: float, device: Any = None):
+    """The step's per-sample numbers, in the namespace ``sx`` (NumPy on host views, or the
+    backend's): ``beta``, ``gamma`` (``dz_{k+1} = beta p + gamma dz``), ``M`` updated and the
+    Gram matrix's next column (``Sᵀ dz_{k+1}``, the diagonal entry aside). On NumPy ``M`` is
+    updated in place."""
+    G = _take(sx, gram, i, axis=1)  # s_jᵀ dz for every column j
+    # dzᵀ q = s (dzᵀ g_new + dzᵀ S t) and |dz|², from the products and the Gram matrix
+    c, norm2 = scale * (_take(sx, a0, i, axis=1) + sx.sum(G * t, axis=1)), _take(sx, G, i, axis=1)
+    scaled, ok_norm = safe_divide(sx, sx.ones_like(c), rho * norm2, eps)  # 1 / (rho |dz|²)
+    inverse_D, ok = safe_divide(sx, sx.ones_like(c), c + rho * norm2, eps)
+    ok = ok & ok_norm & active
+    # the module docstring's two cases, and no update where not ok
+    beta = sx.where(ok, -alpha * rho * norm2 * inverse_D, -alpha)
+    gamma = sx.where(ok, -alpha * (1.0 - rho) * c * inverse_D, 0.0)
+    a = sx.where(ok, (1.0 - rho) * scaled, 0.0)
+    if grown is not None:
+        refused_gamma = sx.where(ok, alpha * rho * (1.0 + (1.0 - rho) * norm2 * inverse_D), alpha * rho)
+        beta = sx.where(grown, sx.where(ok, beta, 0.0), beta)
+        gamma = sx.where(grown, refused_gamma, gamma)
+        a = sx.where(grown & ok, -rho * scaled, a)
+    b = sx.where(ok, scaled / alpha, 0.0)
+    beta = beta * scale
+    # M += (a e_i + b e_{i+1}) (e_i + Mᵀ G)ᵀ: rows i and i + 1 (zero where not ok: a stopped
+    # sample keeps its rows, and row i + 1 of a running one is still zero in this cycle)
+    right = sx.matmul(G[:, None, :], M)[:, 0, :]
+    slots = sx.arange(int(M.shape[1]), device=device)
+    right = sx.where(ok[:, None], right + sx.astype(slots == i, M.dtype), 0.0)
+    M = _add_row(sx, M, slots, i, a[:, None] * right)
+    M = _add_row(sx, M, slots, i + 1, b[:, None] * right)
+    # Sᵀ dz_{k+1} = beta (Sᵀ g_new + Sᵀ S t) + gamma Sᵀ dz, from this step's products: no pass
+    # over the history for it
+    column = beta[:, None] * (a0 + sx.matmul(gram, t[:, :, None])[:, :, 0]) + gamma[:, None] * G
+    return beta, gamma, M, column
+
+
+def _take(sx, a: Any, i: Any, axis: int) -> Any:
+    """``a[:, i]`` (``axis=1``) for an int or a 0-d integer array ``i``."""
+    if isinstance(i, int):
+        return a[:, i, ...]
+    return sx.squeeze(sx.take(a, sx.reshape(i, (1,)), axis=axis), axis=axis)
+
+
+def _add_row(sx, M: Any, slots: Any, i: Any, delta: Any) -> Any:
+    """``M[:, i, :] += delta`` (in place on NumPy, for an int ``i``)."""
+    if isinstance(i, int) and isinstance(M, np.ndarray):
+        M[:, i, :] += delta
+        return M
+    return M + sx.astype(slots == i, M.dtype)[None, :, None] * delta[:, None, :]
 
 
 def _products(problem, S: tuple, M: Any, i: Any, y: Any) -> tuple[Any, Any, Any]:
@@ -203,22 +247,6 @@ def _unit(problem, like: Any, i: Any) -> Any:
     xp = problem.xp
     slots = xp.arange(int(like.shape[-1]), device=problem.backend.device(like))
     return xp.astype(slots == i, like.dtype)
-
-
-def _entry(problem, a: Any, i: Any) -> Any:
-    """``a[:, i]`` for an int or a 0-d integer array ``i``."""
-    xp = problem.xp
-    if not problem.backend.traced:
-        return a[:, int(i)]
-    return xp.squeeze(xp.take(a, xp.reshape(i, (1,)), axis=1), axis=1)
-
-
-def _row(problem, A: Any, i: Any) -> Any:
-    """``A[:, i, :]`` for an int or a 0-d integer array ``i``."""
-    xp = problem.xp
-    if isinstance(i, int) or not problem.backend.traced:
-        return A[:, int(i), :]
-    return xp.squeeze(xp.take(A, xp.reshape(i, (1,)), axis=1), axis=1)
 
 
 def _written(problem, S: tuple, count: int) -> list:
