@@ -21,6 +21,10 @@ FIRST_SLOTS = 8
 #: blocks, see ``history_block_widths``) and, eagerly, ``rest``: the chunks allocated since, each
 #: ``(U, V, rows)`` (``None`` under a trace).
 HISTORY = ("U", "V", "rest")
+#: The good update is kept as its steps when the state has at least this many numbers a sample
+#: per column (``m + 1``): the form's two ``(batch, m + 1, m + 1)`` matrices cost what its steps
+#: save below ~2, and from 4 it holds at most 3/4 of what ``U`` and ``V`` would.
+STEPS_FROM = 4
 
 
 @dataclass(eq=False)
@@ -40,8 +44,9 @@ class Broyden(Solver):
     * ``update="good"`` (Broyden's "good" inverse update), with ``dg = g(z + dz) - g(z)``:
       ``u = (dz - H dg) / (dz^T H dg)``, ``v = H^T dz``, so that ``H_+ dg = dz``. Its terms are
       kept as the steps themselves (:mod:`.broyden_steps`: ``H = (I + S M S^T) s I``, one
-      state-sized vector a step and half the passes over the history); after ``m`` updates
-      the estimate restarts from ``s I``.
+      state-sized vector a step and half the passes over the history; after ``m`` updates
+      the estimate restarts from ``s I``) when the state has at least ``4 (m + 1)`` numbers a
+      sample, else as ``u``, ``v`` like the others.
     * ``update="adjoint"`` (adjoint Broyden, type C, as in SHINE): with ``s = g(z_+)`` and
       ``y = J_g(z_+)^T s`` (one extra VJP per step), ``u = H s``,
       ``v = (s - H^T y) / (s^T H^T y)``, so that ``H_+^T y = s``: the transpose, which SHINE
@@ -248,7 +253,7 @@ class Broyden(Solver):
 
     # ----------------------------------------------------------------- solver
     def init(self, problem, z0) -> dict[str, Any]:
-        if self._keeps_steps(problem):
+        if self._keeps_steps(problem) and int(z0.shape[1]) >= STEPS_FROM * broyden_steps.columns(self, problem):
             return broyden_steps.init(self, problem, z0, FIRST_SLOTS)
         xp, be = problem.xp, problem.backend
         batch, n = z0.shape

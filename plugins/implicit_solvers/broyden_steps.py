@@ -40,7 +40,7 @@ from implicit_core.plugin import history_block_widths, with_history, write_row
 
 #: The state's history in this form: the steps ``S`` (a tuple of ``(batch, width, n)`` blocks),
 #: the coefficients ``M`` and the steps' Gram matrix (``(batch, A, A)``, ``A`` the columns allocated).
-HISTORY = ("S", "M", "gram")
+HISTORY = ("S", "M", "gram", "rows")
 
 
 def columns(solver, problem) -> int:
@@ -69,7 +69,9 @@ def init(solver, problem, z0: Any, first_slots: int) -> dict[str, Any]:
              # the steps' Gram matrix, sᵢᵀ sⱼ (its new column each step from the step's products)
              "gram": xp.zeros((batch, allocated, allocated), dtype=z0.dtype, device=device),
              "count": xp.ones((batch,), dtype=xp.int32, device=device)}
-    state["S"] = _write_column(problem, S, 0, step, None, first=True)
+    state["S"] = _write_column(problem, S, None, 0, step, None, first=True)
+    if not be.traced:
+        state["rows"] = (None,)  # per block: None (every sample) or (running, slots)
     if solver.max_growth is not None:  # (the residual's norm, for the growth test: once per step)
         state["r_norm"] = bnorm(xp, gz)
     state["gram"] = be.at_set(state["gram"], (slice(None), 0, 0), bdot(xp, step, step))
@@ -110,13 +112,13 @@ def step(solver, problem, state: dict[str, Any], k: Any, active: Any) -> dict[st
         else:
             r_norm = xp.where(grown, state["r_norm"], r_norm)
     r_next = g_new if grown is None else xp.where(grown[:, None], r, g_new)
-    S, M, gram = state["S"], state["M"], state["gram"]
+    S, M, gram, rows = state["S"], state["M"], state["gram"], state.get("rows")
     if not be.traced:
-        S, M, gram = _grow(problem, S, (M, gram), int(i) + 2, K)
+        S, rows, M, gram = _grow(problem, S, rows, (M, gram), int(i) + 2, K, active)
 
     def update():
         # q = H_k g_new = s p with p = g_new + S M Sᵀ g_new: the scale stays out of the vectors
-        a0, t, p = _products(problem, S, M, i, g_new)
+        a0, t, p = _products(problem, S, rows, M, i, g_new)
         small = (a0, t, M, gram, scale, rho, active) + (() if grown is None else (grown,))
         host = [be.host_view(x) for x in small] if not be.traced else [None]
         if all(x is not None and x.flags.writeable for x in host):
@@ -149,7 +151,7 @@ def step(solver, problem, state: dict[str, Any], k: Any, active: Any) -> dict[st
     norm2 = bnorm(xp, new_step) ** 2  # (a norm: no temporary)
     written = active & (norm2 < float("inf"))
     j = (i + 1) % K
-    S = _write_column(problem, S, j, new_step, written, first=not be.traced and int(k) + 1 < K)
+    S = _write_column(problem, S, rows, j, new_step, written, first=not be.traced and int(k) + 1 < K)
     column = column * (1.0 - _unit(problem, gram, j)) + norm2[:, None] * _unit(problem, gram, j)
     gram = write_row(problem, write_row(problem, gram, j, column, written), j, column, written, axis=2)
     if grown is None:
@@ -159,6 +161,8 @@ def step(solver, problem, state: dict[str, Any], k: Any, active: Any) -> dict[st
     # (the residual reported is that of the point kept: g_new where taken)
     if r_norm is not None:
         state["r_norm"] = r_norm
+    if rows is not None:
+        state["rows"] = rows
     state.update(gz=r_next, g=r_next, scale=scale, step=new_step, S=S, M=M, gram=gram,
                  count=xp.minimum(state["count"] * 0 + (k + 2), K))
     return state
@@ -214,7 +218,7 @@ def _add_row(sx, M: Any, slots: Any, i: Any, delta: Any) -> Any:
     return M + sx.astype(slots == i, M.dtype)[None, :, None] * delta[:, None, :]
 
 
-def _products(problem, S: tuple, M: Any, i: Any, y: Any) -> tuple[Any, Any, Any]:
+def _products(problem, S: tuple, rows: Any, M: Any, i: Any, y: Any) -> tuple[Any, Any, Any]:
     """``a0 = Sᵀ y``, ``t = M a0`` and ``y + S t`` over the columns ``0..i`` (the history read
     twice), ``a0`` and ``t`` padded to the columns allocated."""
     xp, be = problem.xp, problem.backend
@@ -223,13 +227,14 @@ def _products(problem, S: tuple, M: Any, i: Any, y: Any) -> tuple[Any, Any, Any]
     def fn(*blocks):
         # Row-vector products (batch, 1, n) @ (batch, n, w): torch's CPU kernels for two
         # right-hand sides at once, or a matrix @ column vector, are slower than two of these.
-        a0 = xp.concat([xp.matmul(y[:, None, :], xp.matrix_transpose(block)) for block in blocks], axis=2)
+        a0 = xp.concat([_for_rows(xp, part, lambda x, b=block: xp.matmul(x[:, None, :], xp.matrix_transpose(b)), y)
+                        for block, part in blocks], axis=2)
         width = int(a0.shape[2])
         t = xp.matmul(a0, xp.matrix_transpose(M[:, :width, :width]))  # (batch, 1, w)
         q, start = y, 0
-        for block in blocks:
+        for block, part in blocks:
             end = start + int(block.shape[1])
-            q = q + xp.matmul(t[:, :, start:end], block)[:, 0, :]
+            q = q + _for_rows(xp, part, lambda x, b=block: xp.matmul(x, b)[:, 0, :], t[:, :, start:end])
             start = end
         a0, t = a0[:, 0, :], t[:, 0, :]
         if width < A:
@@ -238,8 +243,24 @@ def _products(problem, S: tuple, M: Any, i: Any, y: Any) -> tuple[Any, Any, Any]
         return a0, t, q
 
     if be.traced:
-        return with_history(problem, (S,), i + 1, lambda blocks: fn(*blocks))
-    return fn(*_written(problem, S, int(i) + 1))
+        return with_history(problem, (S,), i + 1, lambda blocks: fn(*((block, None) for block in blocks)))
+    return fn(*_written(problem, S, rows, int(i) + 1))
+
+
+def _for_rows(xp, part: Any, product, x: Any) -> Any:
+    """``product(x)`` for a block of every sample (``part`` None), or, for a block of some
+    samples (``part = (running, slots)``), on their rows and back in the whole batch, zeros for
+    the others."""
+    if part is None:
+        return product(x)
+    return _to_batch(xp, part, product(xp.take(x, part[0], axis=0)))
+
+
+def _to_batch(xp, part: Any, out: Any) -> Any:
+    """Rows of some samples (``part = (running, slots)``) back in the whole batch, zeros for the others."""
+    if part is None:
+        return out
+    return xp.take(xp.concat([out, xp.zeros_like(out[:1, ...])], axis=0), part[1], axis=0)
 
 
 def _unit(problem, like: Any, i: Any) -> Any:
@@ -249,40 +270,61 @@ def _unit(problem, like: Any, i: Any) -> Any:
     return xp.astype(slots == i, like.dtype)
 
 
-def _written(problem, S: tuple, count: int) -> list:
-    """The eager blocks cut to the first ``count`` columns."""
+def _written(problem, S: tuple, rows: tuple, count: int) -> list:
+    """The eager blocks cut to the first ``count`` columns, each with its rows (``None``: all)."""
     blocks, start = [], 0
-    for block in S:
+    for block, part in zip(S, rows):
         if start >= count:
             break
         width = int(block.shape[1])
-        blocks.append(block if start + width <= count else block[:, : count - start, :])
+        blocks.append((block if start + width <= count else block[:, : count - start, :], part))
         start += width
     return blocks
 
 
-def _grow(problem, S: tuple, small: tuple, needed: int, K: int) -> tuple:
+def _grow(problem, S: tuple, rows: tuple, small: tuple, needed: int, K: int, active: Any) -> tuple:
     """Eagerly: allocate the next block of columns (as many as are held, up to ``K``) when the
-    step about to be written needs one, and pad the ``(batch, A, A)`` matrices to match."""
+    step about to be written needs one, for the samples still running only (a stopped sample
+    writes no more steps; in a DEQ batch most stop early), and pad the ``(batch, A, A)``
+    matrices to match."""
     xp, be = problem.xp, problem.backend
     allocated = sum(int(block.shape[1]) for block in S)
     needed = min(needed, K)
     if needed <= allocated:
-        return (S, *small)
+        return (S, rows, *small)
     batch, _, n = S[0].shape
     width = min(allocated, K - allocated)
-    S = (*S, xp.empty((batch, width, n), dtype=S[0].dtype, device=be.device(S[0])))
+    part, height = None, batch
+    if not be.all_on_host(active):
+        running = xp.nonzero(active)[0]
+        position = xp.cumulative_sum(xp.astype(active, running.dtype)) - 1  # of each running sample
+        part = (running, xp.where(active, position, int(running.shape[0])))
+        height = int(running.shape[0])
+    S = (*S, xp.empty((height, width, n), dtype=S[0].dtype, device=be.device(S[0])))
     size, padded = allocated + width, []
     for matrix in small:
         bigger = xp.zeros((batch, size, size), dtype=matrix.dtype, device=be.device(matrix))
         padded.append(be.at_set(bigger, (slice(None), slice(0, allocated), slice(0, allocated)), matrix))
-    return (S, *padded)
+    return (S, (*rows, part), *padded)
 
 
-def _write_column(problem, S: tuple, column: Any, value: Any, active: Any, first: bool) -> tuple:
+def _write_column(problem, S: tuple, rows: Any, column: Any, value: Any, active: Any, first: bool) -> tuple:
     """Column ``column`` of the steps; its first write fills every row (zeros where not written),
     so that no uninitialised memory is ever read."""
     xp, be = problem.xp, problem.backend
+    if rows is not None and any(part is not None for part in rows):
+        # Eager, with blocks of some samples: the block holding the column, on its rows.
+        column, start = int(column), 0
+        blocks = list(S)
+        for b, (block, part) in enumerate(zip(S, rows)):
+            width = int(block.shape[1])
+            if start <= column < start + width:
+                mask = active if part is None or active is None else xp.take(active, part[0], axis=0)
+                rows_value = value if part is None else xp.take(value, part[0], axis=0)
+                blocks[b] = _write_column(problem, (block,), None, column - start, rows_value, mask, first)[0]
+                break
+            start += width
+        return tuple(blocks)
     if first:
         everyone = active is None or be.all_on_host(active)
         row = value if everyone else xp.where(active[:, None], value, 0.0)
@@ -297,7 +339,8 @@ def inverse(problem, state: dict[str, Any]) -> LowRankInverse:
     S, M = state["S"], state["M"]
     if not be.traced:
         count = int(xp.max(state["count"]))
-        S = _written(problem, S, count)
+        # (a block of some samples goes back into the whole batch, zeros for the others)
+        S = [_to_batch(xp, part, block) for block, part in _written(problem, S, state["rows"], count)]
         M = M[:, :count, :count]
     S = S[0] if len(S) == 1 else xp.concat(list(S), axis=1)
     return LowRankInverse(S, S, xp, state["scale"], core=state["scale"][:, None, None] * M)

@@ -298,10 +298,13 @@ def _dense_good_broyden(F, z0, steps, m, max_growth, alpha=1.0):
 
 @pytest.mark.parametrize("m, max_growth, alpha, gain", [(30, None, 1.0, 0.95), (3, None, 1.0, 0.95),
                                                         (30, 1.02, 1.0, 3.0), (4, 4.0, 0.7, 0.95)])
-def test_broyden_good_update_kept_as_steps_is_the_dense_update(be, m, max_growth, alpha, gain):
+def test_broyden_good_update_kept_as_steps_is_the_dense_update(be, m, max_growth, alpha, gain, monkeypatch):
     """The good update is kept as its steps and a small matrix per sample (one vector a step):
     its iterates and its inverse estimate are those of the dense update, refused steps and the
     restart when the columns are full included."""
+    import implicit_solvers.broyden as broyden
+
+    monkeypatch.setattr(broyden, "STEPS_FROM", 0)  # (the form is kept for states of 4 (m + 1) numbers on)
     xp = be.xp
     rng = np.random.default_rng(1)
     W = rng.standard_normal((12, 12))
@@ -356,9 +359,11 @@ def test_broyden_history_follows_the_solve_without_changing_it(be, monkeypatch):
     scale = be.xp.asarray(np.array([[1.0], [0.0], [1e-3], [1.0], [1.0]]))
     case.args = (case.args[0], case.args[1] * scale)
     runs = {}
+    monkeypatch.setattr(broyden, "STEPS_FROM", 0)  # (the good update's steps on this small state too)
     for first in (3, 64):
         monkeypatch.setattr(broyden, "FIRST_SLOTS", first)
-        for opts in ({"m": 20}, {"m": 6}, {"m": 20, "opa": lambda z: z, "opa_freq": 3}):
+        for opts in ({"m": 20}, {"m": 6}, {"m": 20, "opa": lambda z: z, "opa_freq": 3},
+                     {"m": 20, "update": "good"}, {"m": 6, "update": "good"}):  # (the good update: its steps)
             solver = ic.get_solver("broyden", **opts)
             z, info = ic.fixed_point(case.f, case.z0, case.args, solver=solver, tol=1e-10, max_iter=60, trace=True,
                                      vjp=case.vjp, gradient="shine")
@@ -388,11 +393,11 @@ def test_broyden_history_follows_the_solve_without_changing_it(be, monkeypatch):
     # The rank-one terms: the first 3 columns for all 5 samples, then chunks of 3, 6 and 8
     # columns (the columns held doubling, up to m = 20) for the 4 (then 3) samples still running, each
     # when the solve first needs it (with max_iter = 5, m is cut to the 5 columns the solve can
-    # write). The good update's steps: one buffer, blocks for every sample, of m + 1 = 21
-    # columns at most (3 for a solve of 2 steps: the m factors sit between m + 1 steps).
+    # write). The good update's steps: one vector a step, the same blocks up to m + 1 = 21
+    # columns (3 for a solve of 2 steps: the m factors sit between m + 1 steps).
     assert shapes == {("adjoint", 2): [(5, 2)], ("adjoint", 5): [(5, 3), (4, 2)],
                       ("adjoint", 60): [(5, 3), (4, 3), (4, 6), (3, 8)],
-                      ("good", 2): [(5, 3)], ("good", 5): [(5, 3), (5, 3)], ("good", 60): [(5, 3), (5, 3), (5, 6), (5, 9)]}
+                      ("good", 2): [(5, 3)], ("good", 5): [(5, 3), (4, 3)], ("good", 60): [(5, 3), (4, 3), (4, 6), (4, 9)]}
 
 
 @settings(max_examples=25, deadline=None)
